@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 CFG_DIR = Path(os.environ.get("DPPO_CFG_DIR", Path(__file__).resolve().parents[1] / "cfg"))
 
 ALIASES: dict[str, dict[str, str]] = {
-    "eval": {"steps": "sampler.steps", "eta": "sampler.eta"},
+    "eval": {"steps": "sampler.steps", "eta": "sampler.eta", "task": "eval_task"},
     "pretrain": {"steps": "train.steps"},
     "finetune": {"n_envs": "task.n_envs", "iterations": "algorithm.iterations"},
 }

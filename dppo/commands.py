@@ -1,0 +1,141 @@
+"""Subcommand bodies: each takes a composed config and returns a JSON-able result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+import envs
+from dppo.config import require
+from dppo.evaluate import evaluate
+from dppo.run_dir import write_json
+from policies.checkpoint import load_policy, read_checkpoint_meta, resolve_checkpoint
+from policies.chunk_samplers import build_chunk_sampler
+from policies.runtime import PolicyRuntime
+
+
+def demos(cfg: DictConfig) -> dict[str, Any]:
+    from envs.demos import record_demos
+
+    task = cfg.task.name
+    spec = envs.get_task(task)
+    require(cfg.n_episodes > 0, f"n_episodes must be > 0, got {cfg.n_episodes}")
+    require(
+        spec.make_expert is not None,
+        f"task {task!r} has no scripted expert; see scripts/ for its demonstration recipe",
+    )
+    out = Path(cfg.out) if cfg.out else Path("data") / f"{task}-demos"
+    path, stats = record_demos(
+        task, cfg.n_episodes, out, noise=cfg.noise, seed=cfg.seed, only_success=cfg.only_success
+    )
+    return {"dataset": str(path), **stats}
+
+
+def pretrain(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.pretrain import pretrain as run_pretrain
+
+    return run_pretrain(cfg)
+
+
+def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the subcommand's name
+    torch.set_num_threads(cfg.threads)
+    folder = resolve_checkpoint(cfg.checkpoint)
+    meta = read_checkpoint_meta(folder)
+    task = cfg.eval_task or meta["config"]["task"]
+    require(cfg.n_episodes > 0 and cfg.n_envs > 0, "n_episodes and n_envs must be > 0")
+    envs.get_task(task)
+    from dppo.pretrain import sampler_options, task_io_spec
+
+    shapes, action_dim = task_io_spec(task)
+    policy = load_policy(folder, task=task, obs_shapes=shapes, action_dim=action_dim)
+    name, opts = sampler_options(cfg.sampler)
+    n_envs = min(cfg.n_envs, cfg.n_episodes)
+    runtime = PolicyRuntime(
+        policy, build_chunk_sampler(name, policy, **opts), n_envs, seed=cfg.seed
+    )
+    result = evaluate(runtime, task, cfg.n_episodes, n_envs, seed=cfg.seed).to_dict()
+    out = Path(cfg.out) if cfg.out else _run_of(folder) / f"eval-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "task": task,
+        "checkpoint": str(folder),
+        "sampler": runtime.sampler.describe(),
+        **result,
+    }
+    if cfg.video:
+        from dppo.video import record_video
+
+        runtime_1 = PolicyRuntime(
+            policy, build_chunk_sampler(name, policy, **opts), 1, seed=cfg.seed
+        )
+        report["video"] = str(
+            record_video(
+                runtime_1, task, out / "eval.mp4", n_episodes=cfg.video_episodes, seed=cfg.seed
+            )
+        )
+    write_json(out / "eval.json", report)
+    report["eval_json"] = str(out / "eval.json")
+    return report
+
+
+def _run_of(checkpoint_folder: Path) -> Path:
+    """The run folder that holds a checkpoint folder (<run>/checkpoints/<name>)."""
+    if checkpoint_folder.parent.name == "checkpoints":
+        return checkpoint_folder.parent.parent
+    return checkpoint_folder
+
+
+def print_result(result: dict[str, Any]) -> None:
+    def short(v):
+        if isinstance(v, float | np.floating):
+            return round(float(v), 4)
+        return v
+
+    print(json.dumps({k: short(v) for k, v in result.items() if not isinstance(v, dict)}, indent=2))
+
+
+def finetune(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.finetune import finetune as run_finetune
+
+    return run_finetune(cfg)
+
+
+def serve(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.serving.server import serve_command
+
+    return serve_command(cfg)
+
+
+def robot_sim(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.serving.robot_sim import robot_sim_command
+
+    return robot_sim_command(cfg)
+
+
+def bench_serve(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.serving.bench import bench_serve as run_bench
+
+    return run_bench(cfg)
+
+
+def quickstart(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.quickstart import quickstart as run_quickstart
+
+    return run_quickstart(cfg)
+
+
+def train_dynamics(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.train_dynamics import train_dynamics as run_train_dynamics
+
+    return run_train_dynamics(cfg)
+
+
+def bench_guidance(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.bench_guidance import run_bench_guidance
+
+    return run_bench_guidance(cfg)

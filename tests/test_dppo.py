@@ -1,0 +1,150 @@
+"""DPPO: log-probs, frozen denoiser, update, resume, validation (tiny configs, real envs)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import envs
+from dppo.config import ConfigError, load_config
+from dppo.finetune import (
+    build_learner,
+    collect_rollout,
+    compute_advantages,
+    finetune,
+    old_log_probs,
+    ppo_update,
+)
+
+SMALL = [
+    "task.n_envs=4",
+    "algorithm.n_steps=5",
+    "algorithm.ft_denoising_steps=4",
+    "algorithm.batch_size=20",
+    "algorithm.critic_batch_size=10",
+    "algorithm.update_epochs=2",
+    "algorithm.critic_warmup_iterations=0",
+    "eval_episodes=0",
+    "eval_every=0",
+]
+
+
+def small_cfg(run, *extra):
+    return load_config("finetune", [f"checkpoint={run}", *SMALL, *extra])
+
+
+def rollout(learner, cfg, seed=0):
+    venv = envs.make_vec_env(
+        "point_reach", cfg.task.n_envs, seed=seed, n_obs_steps=1, n_action_steps=4
+    )
+    return collect_rollout(learner, venv, "state", cfg.algorithm.n_steps, seed, scale=True)
+
+
+def test_transition_log_prob_equals_independent_normal(pretrained_run):
+    cfg = small_cfg(pretrained_run)
+    learner = build_learner(cfg)
+    ro = rollout(learner, cfg)
+    cond, chain = (x.flatten(0, 1) for x in ro.stacked())
+    actor, policy = learner.actor, learner.actor.policy
+    k = torch.full((cond.shape[0],), 2)
+    lp, _ = actor.log_prob(cond, chain, k)
+    # independent: DDPM posterior from the schedule, std floored at 0.1, torch Normal, clamp, mean
+    t = policy.schedule.num_train_steps - 1 - (actor.record_from + 2)
+    ab = policy.schedule.alphas_cumprod
+    a_t, a_prev = ab[t], ab[t - 1] if t > 0 else torch.tensor(1.0)
+    x, x_next = chain[:, 2], chain[:, 3]
+    with torch.no_grad():
+        eps = policy.denoiser(x, torch.full((len(x),), t), cond)
+    x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    beta = 1 - a_t / a_prev
+    mean = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x
+    std = ((1 - a_prev) / (1 - a_t) * beta).sqrt().clamp(min=0.1)
+    ref = torch.distributions.Normal(mean, std).log_prob(x_next).clamp(-5, 2).mean(dim=(1, 2))
+    torch.testing.assert_close(lp.detach(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_denoiser_serves_early_steps_and_never_changes(pretrained_run):
+    cfg = small_cfg(pretrained_run)
+    learner = build_learner(cfg)
+    policy = learner.actor.policy
+    k = cfg.algorithm.ft_denoising_steps
+    assert policy.network_for(k - 1) is policy.denoiser
+    assert policy.network_for(k) is policy.frozen_denoiser
+    assert all(not p.requires_grad for p in policy.frozen_denoiser.parameters())
+    frozen_before = {n: p.clone() for n, p in policy.frozen_denoiser.named_parameters()}
+    tuned_before = {n: p.clone() for n, p in policy.denoiser.named_parameters()}
+    ro = rollout(learner, cfg)
+    assert ro.chain[0].shape[1] == k + 1  # only the fine-tuned steps are recorded
+    cond, chain = (x.flatten(0, 1) for x in ro.stacked())
+    old = old_log_probs(learner.actor, cond, chain, 64)
+    values, adv, ret = compute_advantages(learner, ro, 0.99, 0.95)
+    stats = ppo_update(
+        learner,
+        cond,
+        chain,
+        old,
+        adv.reshape(-1),
+        ret.reshape(-1),
+        values.reshape(-1),
+        cfg.algorithm,
+        train_actor=True,
+    )
+    assert np.isfinite(stats["policy_loss"]) and stats["ratio_mean"] > 0
+    for n, p in policy.frozen_denoiser.named_parameters():
+        assert torch.equal(p, frozen_before[n]), n
+    assert any(not torch.equal(p, tuned_before[n]) for n, p in policy.denoiser.named_parameters())
+
+
+def test_old_log_probs_give_unit_ratio_before_update(pretrained_run):
+    cfg = small_cfg(pretrained_run)
+    learner = build_learner(cfg)
+    ro = rollout(learner, cfg)
+    cond, chain = (x.flatten(0, 1) for x in ro.stacked())
+    old = old_log_probs(learner.actor, cond, chain, 7)
+    again = old_log_probs(learner.actor, cond, chain, 1000)
+    torch.testing.assert_close(old, again)
+
+
+def test_ddim_mode_fine_tunes_all_steps(pretrained_run):
+    cfg = small_cfg(pretrained_run, "algorithm.denoising=ddim", "algorithm.ddim_steps=4")
+    learner = build_learner(cfg)
+    assert learner.actor.n_transitions == 4 and learner.actor.train_sampler.eta == 1.0
+    ev = learner.actor.eval_runtime(2, seed=0)
+    assert ev.sampler.diffusion.eta == 0.0
+    ro = rollout(learner, cfg)
+    assert ro.chain[0].shape[1] == 5
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _strip(record):
+    return {k: v for k, v in record.items() if not k.startswith("time_")}
+
+
+def test_resume_reproduces_next_iteration(pretrained_run, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    finetune(small_cfg(pretrained_run, f"out={full}", "algorithm.iterations=3"))
+    finetune(small_cfg(pretrained_run, f"out={part}", "algorithm.iterations=2"))
+    # a resumed run continues from its last checkpoint, with its saved config (iterations raised)
+    finetune(load_config("finetune", [f"resume={part}", "algorithm.iterations=3"]))
+    a, b = _metrics(full), _metrics(part)
+    assert [r["iteration"] for r in b] == [1, 2, 3]
+    assert _strip(a[2]) == pytest.approx(_strip(b[2]), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("algorithm.batch_size=7", "must divide"),
+        ("algorithm.ft_denoising_steps=50", "ft_denoising_steps"),
+        ("task=point_reach_two_goals", "trained on task"),
+    ],
+)
+def test_bad_configs_fail_before_training(pretrained_run, tmp_path, override, message):
+    cfg = small_cfg(pretrained_run, f"out={tmp_path / 'x'}", override)
+    with pytest.raises(ConfigError, match=message):
+        finetune(cfg)
+    assert not (tmp_path / "x").exists()
