@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from dppo.config import CFG_DIR, ConfigError, load_config
+from dppo.config import CFG_DIR, ConfigError, config_name, load_config
 
 COMMANDS: dict[str, str] = {
     "quickstart": "demos -> pre-training -> DPPO fine-tuning -> evaluation on the default task",
@@ -38,9 +38,9 @@ def usage() -> str:
 
 
 def command_help(command: str) -> str:
-    text = (CFG_DIR / f"{command}.yaml").read_text()
+    text = (CFG_DIR / f"{config_name(command)}.yaml").read_text()
     what = COMMANDS.get(command) or BENCHES[command.removeprefix("bench_")]
-    return f"dppo {command.replace('_', ' ')}: {what}\n\nconfig (cfg/{command}.yaml):\n{text}"
+    return f"dppo {command.replace('_', ' ')}: {what}\n\nconfig (cfg/{config_name(command)}.yaml):\n{text}"
 
 
 def main(argv: list[str] | None = None) -> int:

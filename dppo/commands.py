@@ -16,6 +16,7 @@ from dppo.evaluate import evaluate
 from dppo.run_dir import write_json
 from policies.checkpoint import load_policy, read_checkpoint_meta, resolve_checkpoint
 from policies.chunk_samplers import build_chunk_sampler
+from policies.guidance import build_hooks
 from policies.runtime import PolicyRuntime
 
 
@@ -55,9 +56,13 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the subcommand's na
     policy = load_policy(folder, task=task, obs_shapes=shapes, action_dim=action_dim)
     name, opts = sampler_options(cfg.sampler)
     n_envs = min(cfg.n_envs, cfg.n_episodes)
-    runtime = PolicyRuntime(
-        policy, build_chunk_sampler(name, policy, **opts), n_envs, seed=cfg.seed
-    )
+
+    def make_runtime(n_streams: int) -> PolicyRuntime:
+        sampler = build_chunk_sampler(name, policy, **opts)
+        hooks = build_hooks(cfg.guidance, policy, task, sampler=sampler)
+        return PolicyRuntime(policy, sampler, n_streams, hooks=hooks, seed=cfg.seed)
+
+    runtime = make_runtime(n_envs)
     result = evaluate(runtime, task, cfg.n_episodes, n_envs, seed=cfg.seed).to_dict()
     out = Path(cfg.out) if cfg.out else _run_of(folder) / f"eval-{name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -65,19 +70,16 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the subcommand's na
         "task": task,
         "checkpoint": str(folder),
         "sampler": runtime.sampler.describe(),
+        "guidance": [h.describe() for h in runtime.hooks],
         **result,
     }
     if cfg.video:
         from dppo.video import record_video
 
-        runtime_1 = PolicyRuntime(
-            policy, build_chunk_sampler(name, policy, **opts), 1, seed=cfg.seed
+        video = record_video(
+            make_runtime(1), task, out / "eval.mp4", n_episodes=cfg.video_episodes, seed=cfg.seed
         )
-        report["video"] = str(
-            record_video(
-                runtime_1, task, out / "eval.mp4", n_episodes=cfg.video_episodes, seed=cfg.seed
-            )
-        )
+        report["video"] = str(video)
     write_json(out / "eval.json", report)
     report["eval_json"] = str(out / "eval.json")
     return report

@@ -16,6 +16,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "eval": {"steps": "sampler.steps", "eta": "sampler.eta", "task": "eval_task"},
     "pretrain": {"steps": "train.steps"},
     "finetune": {"n_envs": "task.n_envs", "iterations": "algorithm.iterations"},
+    "bench_guidance": {"task": "eval_task"},
 }
 """Short override names accepted per command, mapped to their full config keys."""
 
@@ -36,13 +37,14 @@ def _expand_aliases(command: str, overrides: list[str]) -> list[str]:
 
 
 def load_config(command: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose ``cfg/<command>.yaml`` with ``key=value`` overrides and resolve it."""
-    if not (CFG_DIR / f"{command}.yaml").is_file():
+    """Compose ``cfg/<command>.yaml`` (dashes read as underscores) with ``key=value`` overrides."""
+    name = config_name(command)
+    if not (CFG_DIR / f"{name}.yaml").is_file():
         raise ConfigError(f"no config for command {command!r} in {CFG_DIR}")
-    expanded = _expand_aliases(command, list(overrides))
+    expanded = _expand_aliases(name, list(overrides))
     try:
         with initialize_config_dir(config_dir=str(CFG_DIR), version_base=None):
-            cfg = compose(config_name=command, overrides=expanded)
+            cfg = compose(config_name=name, overrides=expanded)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_explain(command, exc)) from None
@@ -50,14 +52,19 @@ def load_config(command: str, overrides: list[str] | tuple[str, ...] = ()) -> Di
     return cfg
 
 
+def config_name(command: str) -> str:
+    """``robot-sim`` -> ``robot_sim``: the yaml file and the function share this name."""
+    return command.replace("-", "_")
+
+
 def _explain(command: str, exc: Exception) -> str:
     msg = str(exc).strip().split("\nConfig search path")[0]
     msg = "\n".join(line for line in msg.splitlines() if not line.startswith("To append"))
     if "not in struct" in msg or "Could not override" in msg:
-        cfg_keys = ", ".join(sorted(_top_keys(command)))
+        cfg_keys = ", ".join(sorted(_top_keys(config_name(command))))
         msg += f"\nvalid top-level keys for {command!r}: {cfg_keys}"
-        if command in ALIASES:
-            msg += f"; short names: {', '.join(ALIASES[command])}"
+        if config_name(command) in ALIASES:
+            msg += f"; short names: {', '.join(ALIASES[config_name(command)])}"
     return f"bad config for {command!r}: {msg}"
 
 
