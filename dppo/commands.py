@@ -141,3 +141,32 @@ def bench_guidance(cfg: DictConfig) -> dict[str, Any]:
     from dppo.bench_guidance import run_bench_guidance
 
     return run_bench_guidance(cfg)
+
+
+def bench_dppo(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.bench_dppo import run_bench_dppo
+
+    return run_bench_dppo(cfg)
+
+
+def collect_play(cfg: DictConfig) -> dict[str, Any]:
+    from envs.play import record_play
+
+    require(cfg.n_steps > 0, f"n_steps must be > 0, got {cfg.n_steps}")
+    out = Path(cfg.out) if cfg.out else Path("data") / f"{cfg.task.name}-play"
+    path, stats = record_play(
+        cfg.task.name, cfg.n_steps, out, seed=cfg.seed, episode_steps=cfg.episode_steps
+    )
+    return {"dataset": str(path), **stats}
+
+
+def train_world_model(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.world_model_train import train_world_model as run_train_world_model
+
+    return run_train_world_model(cfg)
+
+
+def finetune_offline(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.finetune_offline import finetune_offline as run_finetune_offline
+
+    return run_finetune_offline(cfg)

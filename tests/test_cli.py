@@ -145,3 +145,15 @@ def test_dataset_of_another_task_is_rejected(demo_dataset, tmp_path, capsys):
     assert code == 2
     assert "state" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_bench_dppo_reports_throughput(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "dppo", "iterations=1", "raw_env_steps=400", "task.n_envs=4",
+                 "algorithm.n_steps=5", "algorithm.batch_size=20", "algorithm.critic_batch_size=10",
+                 "algorithm.update_epochs=1", "policy.denoiser_kwargs.hidden_dim=32", f"out={out}"])
+    assert code == 0
+    figures = json.loads(out.read_text())
+    for key in ("raw_env_steps_per_s", "rollout_env_steps_per_s", "update_pairs_per_s", "logprob_pairs_per_s"):
+        assert figures[key] > 0, key
+    assert 0 < figures["rollout_over_raw"] < 1
