@@ -51,7 +51,9 @@ class LocomotionInfo(gym.Wrapper):
 
 
 def _factory(env_id: str):
-    def make(**kwargs: Any) -> gym.Env:
+    def make(reward_type: str = "dense", **kwargs: Any) -> gym.Env:
+        if reward_type != "dense":
+            raise ValueError(f"{env_id} has only its dense locomotion reward, not {reward_type!r}")
         return LocomotionInfo(
             gym.make(env_id, max_episode_steps=LOCOMOTION_MAX_EPISODE_STEPS, **kwargs)
         )

@@ -10,9 +10,11 @@ Observation (flat float32 Box, robomimic low-dim order): the object block, then
 ``robot0_eef_pos`` (3), ``robot0_eef_quat`` (4, xyzw, hand body as in robomimic datasets) and
 ``robot0_gripper_qpos`` (2). :func:`observation_layout` gives the (name, size) list per task:
 
-- ``lift`` (19): ``cube_pos`` (3), ``cube_quat`` (4), ``gripper_to_cube_pos`` (3, cube - eef, world).
-- ``can`` (23): ``Can_pos`` (3), ``Can_quat`` (4), ``Can_to_robot0_eef_pos`` (3),
-  ``Can_to_robot0_eef_quat`` (4) -- the object's pose in the eef frame.
+- ``lift`` (19): ``cube_pos`` (3), ``cube_quat`` (4, xyzw), ``gripper_to_cube_pos`` (3, cube - eef,
+  world frame).
+- ``can`` (23): ``Can_pos`` (3), ``Can_quat`` (4, xyzw), ``Can_to_robot0_eef_pos`` (3),
+  ``Can_to_robot0_eef_quat`` (4, xyzw) -- the last two are the object's pose in the frame of
+  (``robot0_eef_pos``, ``robot0_eef_quat``), as robosuite defines them.
 - ``square`` (23): the same four blocks for ``SquareNut``.
 
 The object block is computed here from the simulator state, not read from robosuite's
@@ -28,6 +30,12 @@ Seeding: the robosuite model is built once, with ``model_seed`` (the Lift cube s
 build time), and not rebuilt per episode (``hard_reset=False``: resets cost ~5 ms instead of
 ~200 ms). ``reset(seed=s)`` re-seeds, in place, the generator that robosuite's placement samplers
 and robot initialisation noise share, so the episode is a function of ``s`` alone.
+
+Experts (:class:`LiftExpert`, :class:`CanExpert`, :class:`SquareExpert`) are waypoint phase
+machines that read privileged simulator state and add Gaussian noise (std ``noise``) to every
+action dimension; they re-grasp when the object slips. Measured over 50 seeds: noise 0 succeeds
+50/50 on every task (mean length lift 37, can 112, square 126 steps); at the default noise
+(lift 0.2, can 0.15, square 0.1) lift 50/50 (mean 94 steps), can 49/50 (144), square 48/50 (155).
 
 Rendering: ``render_mode="rgb_array"`` creates robosuite's offscreen context (only then) and
 renders ``camera_name``. Importing robosuite sets ``MUJOCO_GL=egl`` unless it is ``osmesa``/``glx``.
@@ -61,7 +69,11 @@ ROBOT_OBS_LAYOUT = (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_grip
 
 # robosuite logs INFO lines per env build and warnings on import about optional extras
 # (private macros file, robosuite_models, mink IK) that this project does not use.
-_QUIET_PREFIXES = ("No private macro file", "It is recommended to use a private macro", "To setup, run")
+_QUIET_PREFIXES = (
+    "No private macro file",
+    "It is recommended to use a private macro",
+    "To setup, run",
+)
 _QUIET_SUBSTRINGS = ("robosuite_models", "mink-based whole-body IK")
 
 
@@ -100,7 +112,7 @@ _TASK_INFO = {
         "PickPlaceCan",
         "Can",
         300,
-        0.1,
+        0.15,
         "robosuite PickPlaceCan: move the can into its bin (Panda, OSC_POSE).",
     ),
     "square": _TaskInfo(
@@ -108,7 +120,7 @@ _TASK_INFO = {
         "NutAssemblySquare",
         "SquareNut",
         400,
-        0.05,
+        0.1,
         "robosuite NutAssemblySquare: put the square nut on its peg (Panda, OSC_POSE).",
     ),
 }
@@ -227,8 +239,10 @@ class RobosuiteEnv(gym.Env):
         self._layout = observation_layout(task)
         obs_dim = sum(size for _, size in self._layout)
         self.observation_space = spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-        low, high = self._robot.action_limits
-        assert len(low) == ACTION_DIM and np.all(low == -1) and np.all(high == 1), (low, high)
+        if self._rs.action_dim != ACTION_DIM:
+            raise RuntimeError(
+                f"expected a {ACTION_DIM}-D OSC_POSE action, got {self._rs.action_dim}"
+            )
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
     # -- gymnasium API ---------------------------------------------------------------------------
@@ -301,9 +315,21 @@ class RobosuiteEnv(gym.Env):
         return np.concatenate(parts).astype(np.float32)
 
 
-def make_robosuite_env(task: str, max_episode_steps: int | None = None, **kwargs: Any) -> gym.Env:
-    """A :class:`RobosuiteEnv` inside gymnasium's TimeLimit (both cut at ``max_episode_steps``)."""
-    env = RobosuiteEnv(task, max_episode_steps=max_episode_steps, **kwargs)
+REWARD_TYPES = ("sparse", "dense")
+
+
+def make_robosuite_env(
+    task: str, max_episode_steps: int | None = None, reward_type: str = "sparse", **kwargs: Any
+) -> gym.Env:
+    """A :class:`RobosuiteEnv` inside gymnasium's TimeLimit (both cut at ``max_episode_steps``).
+
+    ``reward_type``: "sparse" (1 on success) or "dense" (robosuite's staged reward shaping).
+    """
+    if reward_type not in REWARD_TYPES:
+        raise ValueError(f"reward_type must be one of {REWARD_TYPES}, got {reward_type!r}")
+    env = RobosuiteEnv(
+        task, max_episode_steps=max_episode_steps, reward_shaping=reward_type == "dense", **kwargs
+    )
     return TimeLimit(env, max_episode_steps=env.max_episode_steps)
 
 
@@ -317,6 +343,10 @@ ROT_GAIN = 2.0  # action per (rotation error / OSC_ROT_SCALE)
 YAW_TOL = 0.05  # rad
 UNLIMITED = 10**6
 LOST_STEPS = 3  # consecutive steps without a grasp that count as a dropped object
+CENTRE_TOL = 0.004  # m, horizontal misalignment under which a descent may go on
+GRASP_STEPS = 8  # control steps for the Panda gripper to close / open
+GRASP_MAX_STEPS = 20  # give up waiting for finger contact (the holding check then restarts)
+APPROACH_HEIGHT = 0.08  # m above the grasp point before descending
 
 
 @dataclass(frozen=True)
@@ -448,9 +478,6 @@ def _clip_norm(v: np.ndarray, limit: float) -> np.ndarray:
     return v * (limit / peak) if peak > limit else v
 
 
-CENTRE_TOL = 0.004  # m, horizontal misalignment under which a descent may go on
-
-
 def _centred_descent(target: np.ndarray, eef_z: float, xy_err: float) -> np.ndarray:
     """(3,) gripper target that goes down to ``target`` only while the thing being lowered is
     centred (``xy_err`` <= CENTRE_TOL); otherwise it holds the height and corrects sideways."""
@@ -487,11 +514,6 @@ def _open(pos: np.ndarray, yaw: float) -> Waypoint:
 def _body_pose(env: RobosuiteEnv, body_id: int) -> tuple[np.ndarray, np.ndarray]:
     data = env.robosuite_env.sim.data
     return data.body_xpos[body_id].copy(), data.body_xmat[body_id].reshape(3, 3).copy()
-
-
-GRASP_STEPS = 8  # control steps for the Panda gripper to close / open
-GRASP_MAX_STEPS = 20  # give up waiting for finger contact (the holding check then restarts)
-APPROACH_HEIGHT = 0.08  # m above the grasp point before descending
 
 
 class LiftExpert(WaypointExpert):
@@ -606,6 +628,8 @@ class SquareExpert(WaypointExpert):
     ALIGN_TOL = 0.004  # m, nut centre to peg axis
     HANDLE_HEADINGS = (np.pi / 2, np.pi, -np.pi / 2)  # world headings of the nut's handle
     TURN_COST = 0.1  # tie-break between headings: per rad of wrist turn
+    LOWER_SPEED = 0.5  # slow descent down the peg
+    RETREAT = 0.1  # m
 
     def __init__(self, noise: float = 0.0) -> None:
         super().__init__(noise)
@@ -626,8 +650,6 @@ class SquareExpert(WaypointExpert):
             return abs(gyaw + turn) + self.TURN_COST * abs(turn)
 
         self._handle_heading = min(self.HANDLE_HEADINGS, key=cost)
-    LOWER_SPEED = 0.5
-    RETREAT = 0.1
 
     def target(self, env: RobosuiteEnv):
         return env.robosuite_env.nuts[0]
