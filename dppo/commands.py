@@ -26,13 +26,30 @@ def demos(cfg: DictConfig) -> dict[str, Any]:
     task = cfg.task.name
     spec = envs.get_task(task)
     require(cfg.n_episodes > 0, f"n_episodes must be > 0, got {cfg.n_episodes}")
+    expert = None
+    if cfg.expert is not None:
+        from dppo.gaussian_expert import GaussianPolicyExpert
+
+        expert = GaussianPolicyExpert(cfg.expert, noise=cfg.noise or 0.0)
+        require(
+            expert.task == task, f"expert {cfg.expert} was trained on {expert.task!r}, not {task!r}"
+        )
     require(
-        spec.make_expert is not None,
-        f"task {task!r} has no scripted expert; see scripts/ for its demonstration recipe",
+        expert is not None or spec.make_expert is not None,
+        f"task {task!r} has no scripted expert: pass expert=<run of dppo finetune algorithm=ppo_gaussian>",
+    )
+    only_success = (
+        cfg.only_success if cfg.only_success is not None else spec.make_expert is not None
     )
     out = Path(cfg.out) if cfg.out else Path("data") / f"{task}-demos"
     path, stats = record_demos(
-        task, cfg.n_episodes, out, noise=cfg.noise, seed=cfg.seed, only_success=cfg.only_success
+        task,
+        cfg.n_episodes,
+        out,
+        noise=cfg.noise,
+        seed=cfg.seed,
+        only_success=only_success,
+        expert=expert,
     )
     return {"dataset": str(path), **stats}
 

@@ -7,6 +7,7 @@ evaluation -> checkpoint. The maths lives in ``dppo.ppo_math``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -411,8 +412,14 @@ def bc_batch_stream(cfg: DictConfig, policy, seed: int):
         yield {k: v[idx] for k, v in obs.items()}, actions[idx]
 
 
-def finetune(cfg: DictConfig) -> dict[str, Any]:
-    """Fine-tune with PPO (DPPO for diffusion actors); returns the run summary."""
+def finetune(
+    cfg: DictConfig, make_venv: Callable[[DictConfig], Any] | None = None
+) -> dict[str, Any]:
+    """Fine-tune with PPO (DPPO for diffusion actors); returns the run summary.
+
+    ``make_venv(cfg)`` builds the training vector env (default: ``envs.make_vec_env`` of the task;
+    ``dppo.finetune_offline`` passes a world model's imagined env). Evaluation stays real.
+    """
     if cfg.resume:
         cfg = resume_config(cfg)
     validate(cfg)
@@ -427,13 +434,17 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         run.truncate_metrics(lambda r: r.get("iteration", 0) <= learner.iteration)
     tracker = Tracker(cfg.wandb.mode, cfg.wandb.project, str(run.path), to_container(cfg))
     obs_key = envs.get_task(task.name).obs_key
-    venv = envs.make_vec_env(
-        task.name,
-        task.n_envs,
-        seed=cfg.seed,
-        n_obs_steps=task.n_obs_steps,
-        n_action_steps=task.n_action_steps,
-        reward_type=task.reward_type,
+    venv = (
+        make_venv(cfg)
+        if make_venv is not None
+        else envs.make_vec_env(
+            task.name,
+            task.n_envs,
+            seed=cfg.seed,
+            n_obs_steps=task.n_obs_steps,
+            n_action_steps=task.n_action_steps,
+            reward_type=task.reward_type,
+        )
     )
     bc = bc_batch_stream(cfg, learner.actor.policy, cfg.seed) if a.bc_coef > 0 else None
     initial = None
@@ -545,6 +556,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
             "env_steps": learner.env_steps,
             "initial_success_rate": evals[0]["eval/success_rate"] if evals else None,
             "success_rate": evals[-1]["eval/success_rate"] if evals else None,
+        "initial_mean_return": evals[0]["eval/mean_return"] if evals else None,
+        "mean_return": evals[-1]["eval/mean_return"] if evals else None,
             "initial_eval": initial.to_dict() if initial else None,
         }
     )

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from envs.dataset import Episode, write_dataset
-from envs.registry import get_task
+from envs.registry import Expert, get_task
 from envs.vector import make_env
 
 DEFAULT_MAX_ATTEMPTS_FACTOR = 4.0
@@ -46,8 +46,9 @@ def collect_demos(
     only_success: bool = True,
     max_attempts_factor: float = DEFAULT_MAX_ATTEMPTS_FACTOR,
     progress: bool = True,
+    expert: Expert | None = None,
 ) -> tuple[list[Episode], dict[str, Any]]:
-    """Run the scripted expert of ``task`` until ``n_episodes`` episodes are kept.
+    """Run the scripted expert of ``task`` (or ``expert``) until ``n_episodes`` episodes are kept.
 
     ``noise`` defaults to the task's ``default_expert_noise``. With ``only_success`` failed
     episodes are dropped; at most ``ceil(n_episodes * max_attempts_factor)`` episodes are tried.
@@ -59,12 +60,12 @@ def collect_demos(
     expert and RuntimeError if too few episodes succeed.
     """
     spec = get_task(task)
-    if spec.make_expert is None:
+    if expert is None and spec.make_expert is None:
         raise ValueError(f"task {task!r} has no scripted expert (make_expert is None)")
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
     noise = spec.default_expert_noise if noise is None else float(noise)
-    expert = spec.make_expert(noise)
+    expert = expert if expert is not None else spec.make_expert(noise)
     env = make_env(task, seed=seed)
     rng = np.random.default_rng(seed)
     max_attempts = int(np.ceil(n_episodes * max_attempts_factor)) if only_success else n_episodes
@@ -110,6 +111,7 @@ def record_demos(
     max_attempts_factor: float = DEFAULT_MAX_ATTEMPTS_FACTOR,
     progress: bool = True,
     overwrite: bool = False,
+    expert: Expert | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """``collect_demos`` then ``write_dataset`` to ``out`` with the task's metadata.
 
@@ -117,7 +119,7 @@ def record_demos(
     """
     spec = get_task(task)
     episodes, stats = collect_demos(
-        task, n_episodes, noise, seed, only_success, max_attempts_factor, progress
+        task, n_episodes, noise, seed, only_success, max_attempts_factor, progress, expert
     )
     meta = {
         "task": task,

@@ -157,3 +157,19 @@ def test_bench_dppo_reports_throughput(tmp_path, capsys):
     for key in ("raw_env_steps_per_s", "rollout_env_steps_per_s", "update_pairs_per_s", "logprob_pairs_per_s"):
         assert figures[key] > 0, key
     assert 0 < figures["rollout_over_raw"] < 1
+
+
+def test_gaussian_ppo_expert_records_locomotion_demos(tmp_path):
+    run, data = tmp_path / "ppo", tmp_path / "hopper-demos"
+    assert main(["finetune", "algorithm=ppo_gaussian", "task=Hopper-v5", f"out={run}", "iterations=1",
+                 "n_envs=2", "algorithm.n_steps=25", "algorithm.batch_size=25",
+                 "algorithm.critic_batch_size=25", "eval_every=1", "eval_episodes=2",
+                 "eval_n_envs=2"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["actor"] == "gaussian" and summary["mean_return"] is not None
+    assert main(["demos", "task=Hopper-v5", f"expert={run}", "n_episodes=2", f"out={data}"]) == 0
+    from envs.dataset import DemoDataset
+
+    ds = DemoDataset(data)
+    assert ds.n_episodes == 2 and ds.action_dim == 3
+    assert main(["demos", "task=Hopper-v5", "n_episodes=2", f"out={tmp_path / 'x'}"]) == 2
