@@ -47,7 +47,7 @@ class NoiseSchedule:
         """alpha-bar at timestep(s) t; t = -1 means the clean end of the chain (alpha-bar 1)."""
         t = torch.as_tensor(t)
         ones = torch.ones_like(t, dtype=self.alphas_cumprod.dtype)
-        return torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], ones)
+        return torch.where(t >= 0, self.alphas_cumprod.to(t.device)[t.clamp(min=0)], ones)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x_0). x0, eps: (B, Tp, Da); t: (B,) or per-action (B, Tp)."""

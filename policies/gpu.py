@@ -1,0 +1,244 @@
+"""GPU fast path: the whole reverse chain captured as one CUDA graph, optionally in bf16.
+
+``accelerate(sampler, policy, mode=, precision=)`` swaps every ``DiffusionSampler`` inside a chunk
+sampler (ddpm, ddim, rti's cold and warm chains, truncated) for a ``StaticChain``: the same
+transitions with their coefficients precomputed per step, so a chain runs without host
+synchronisation and can be captured. Modes:
+
+- ``graph``: ``torch.cuda.CUDAGraph`` capture of the whole chain, one graph per (start step,
+  batch shape), replayed with the inputs copied into static buffers;
+- ``compile``: ``torch.compile(mode="reduce-overhead")`` of the chain (inductor kernels + graphs);
+- ``eager``: the static chain run step by step.
+
+``precision="bf16"`` runs the denoiser on a bf16 copy of its weights (half the bytes per network
+call: the batch-1 bound is weight bandwidth); the chain arithmetic stays fp32. The bf16 copies are
+snapshots: accelerate again after the weights change. Without CUDA, ``graph`` and ``compile``
+fall back to ``eager`` (``active_mode`` says which ran), with outputs identical to the sampler's
+own ``run`` in fp32. Hooks and chain recording always take the sampler's own (eager) ``run``.
+A static chain calls the policy's networks itself (``network_for`` each step, so a frozen DPPO
+copy serves its steps): the ``eps_fn`` handed to ``run`` is used only on those eager fallbacks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from policies.chunk_samplers import ChunkSampler
+from policies.diffusion import DiffusionPolicy
+from policies.samplers import ChainResult, DDIMSampler, DDPMSampler, DiffusionSampler, Hook
+from policies.streaming import StreamingChunkSampler
+
+MODES = ("eager", "graph", "compile")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WARMUP_ITERS = 3
+"""Eager runs on a side stream before capture (cuDNN/cuBLAS handles, autotuning)."""
+
+
+class _Step:
+    """Precomputed (0-dim) coefficients of one transition, in the sampler's own formulas."""
+
+    def __init__(self, sampler: DiffusionSampler, i: int):
+        s = sampler.schedule
+        t = sampler.timesteps[i]
+        t_prev = sampler.timesteps[i + 1] if i + 1 < sampler.n_steps else -1
+        a, a_prev = s.alpha_bar(t), s.alpha_bar(t_prev)
+        self.t = t
+        self.sqrt_1ma, self.sqrt_a = (1 - a).sqrt(), a.sqrt()
+        if isinstance(sampler, DDIMSampler):
+            var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+            std = sampler.eta * var.sqrt()
+            self.c_x0 = a_prev.sqrt()
+            self.c_eps = (1 - a_prev - std**2).clamp(min=0).sqrt()
+            self.c_x = None
+        elif isinstance(sampler, DDPMSampler):
+            beta = 1 - a / a_prev
+            self.c_x0 = a_prev.sqrt() * beta / (1 - a)
+            self.c_x = (1 - beta).sqrt() * (1 - a_prev) / (1 - a)
+            self.c_eps = None
+            var = ((1 - a_prev) / (1 - a) * beta).clamp(min=1e-20)
+            std = torch.where(torch.as_tensor(t) > 0, var.sqrt(), torch.zeros_like(var))
+        else:
+            raise TypeError(f"no static chain for sampler {type(sampler).__name__}")
+        self.std = std.clamp(min=sampler.min_std)
+        self.stochastic = bool(self.std > 0)
+
+    def to(self, device) -> _Step:
+        out = copy.copy(self)
+        for k, v in vars(self).items():
+            if isinstance(v, torch.Tensor):
+                setattr(out, k, v.to(device))
+        return out
+
+
+def _cast_network(net: nn.Module, dtype: torch.dtype, memo: dict) -> nn.Module:
+    if dtype == torch.float32:
+        return net
+    if id(net) not in memo:
+        memo[id(net)] = copy.deepcopy(net).to(dtype).eval().requires_grad_(False)
+    return memo[id(net)]
+
+
+class StaticChain:
+    """A ``DiffusionSampler`` whose ``run`` is host-free (capturable); other attributes delegate.
+
+    x, noise: (B, Tp, Da); cond: (B, Dc). ``chain(start, x, cond, noise)`` is the pure tensor
+    function that is captured; ``noise`` holds one draw per stochastic step, drawn beforehand in
+    the order the sampler's own ``run`` draws them.
+    """
+
+    def __init__(
+        self,
+        sampler: DiffusionSampler,
+        policy: DiffusionPolicy,
+        mode: str = "graph",
+        precision: str = "fp32",
+        memo: dict | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown GPU mode {mode!r}; valid modes: {', '.join(MODES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        memo = {} if memo is None else memo
+        self.sampler = sampler
+        self.mode, self.precision = mode, precision
+        self.dtype = PRECISIONS[precision]
+        self.steps = [_Step(sampler, i) for i in range(sampler.n_steps)]
+        self.networks = [
+            _cast_network(policy.network_for(s.t), self.dtype, memo) for s in self.steps
+        ]
+        self.clip = policy.schedule.clip_x0
+        self.active_mode = "eager"
+        self._device_steps: dict[str, list[_Step]] = {}
+        self._graphs: dict[tuple, tuple] = {}
+        self._compiled = None
+        self._net_device: torch.device | None = None
+
+    def __getattr__(self, name):
+        if name == "sampler":
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+    def _steps_on(self, device: torch.device) -> list[_Step]:
+        key = str(device)
+        if key not in self._device_steps:
+            self._device_steps[key] = [s.to(device) for s in self.steps]
+        return self._device_steps[key]
+
+    def chain(
+        self, start: int, x: torch.Tensor, cond: torch.Tensor, noise: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Steps ``start..`` of the chain on x (B, Tp, Da): the clean sample."""
+        steps = self._steps_on(x.device)
+        cond_n = cond.to(self.dtype)
+        draws = iter(noise)
+        for i in range(start, len(steps)):
+            s = steps[i]
+            t = torch.full((x.shape[0],), s.t, dtype=torch.long, device=x.device)
+            eps = self.networks[i](x.to(self.dtype), t, cond_n).to(x.dtype)
+            x0 = self.clip((x - s.sqrt_1ma * eps) / s.sqrt_a)
+            mean = s.c_x0 * x0 + (s.c_eps * eps if s.c_x is None else s.c_x * x)
+            x = mean + s.std * next(draws) if s.stochastic else mean
+        return x
+
+    def run(
+        self,
+        eps_fn,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        *,
+        start: int = 0,
+        generator: torch.Generator | None = None,
+        hooks: Sequence[Hook] = (),
+        obs: dict[str, torch.Tensor] | None = None,
+        record_from: int | None = None,
+    ) -> ChainResult:
+        """Same contract as ``DiffusionSampler.run``; hooks or recording run the eager sampler."""
+        if hooks or record_from is not None:
+            return self.sampler.run(
+                eps_fn,
+                x,
+                cond,
+                start=start,
+                generator=generator,
+                hooks=hooks,
+                obs=obs,
+                record_from=record_from,
+            )
+        noise = [self.sampler.draw_noise(x, generator) for s in self.steps[start:] if s.stochastic]
+        with torch.no_grad():
+            out = self._execute(start, x, cond, noise)
+        return ChainResult(x=out, chain=None, nfe=self.sampler.n_steps - start)
+
+    def _execute(
+        self, start: int, x: torch.Tensor, cond: torch.Tensor, noise: list[torch.Tensor]
+    ) -> torch.Tensor:
+        if self._net_device != x.device:  # reduced-precision copies follow the inputs
+            for net in self.networks:
+                net.to(x.device)
+            self._net_device = x.device
+        if x.device.type != "cuda" or self.mode == "eager":
+            self.active_mode = "eager"
+            return self.chain(start, x, cond, noise)
+        self.active_mode = self.mode
+        if self.mode == "compile":
+            if self._compiled is None:
+                self._compiled = torch.compile(self.chain, mode="reduce-overhead", dynamic=False)
+            return self._compiled(start, x, cond, noise).clone()
+        return self._replay(start, x, cond, noise)
+
+    def _replay(
+        self, start: int, x: torch.Tensor, cond: torch.Tensor, noise: list[torch.Tensor]
+    ) -> torch.Tensor:
+        key = (start, tuple(x.shape), tuple(cond.shape), x.dtype, str(x.device))
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(start, x, cond, noise)
+        graph, static_x, static_cond, static_noise, out = self._graphs[key]
+        static_x.copy_(x)
+        static_cond.copy_(cond)
+        for dst, src in zip(static_noise, noise, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, start, x, cond, noise):
+        static_x, static_cond = x.clone(), cond.clone()
+        static_noise = [z.clone() for z in noise]
+        self._steps_on(x.device)
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_ITERS):
+                self.chain(start, static_x, static_cond, static_noise)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.chain(start, static_x, static_cond, static_noise)
+        return graph, static_x, static_cond, static_noise, out
+
+
+def accelerate(
+    sampler: ChunkSampler,
+    policy: DiffusionPolicy,
+    mode: str = "graph",
+    precision: str = "fp32",
+    memo: dict | None = None,
+) -> ChunkSampler:
+    """Swap the chains of ``sampler`` (in place, also nested chunk samplers) for static chains."""
+    if isinstance(sampler, StreamingChunkSampler):
+        raise ValueError(
+            "the GPU path covers ddpm, ddim, rti and truncated; streaming's "
+            "per-action steps run eagerly"
+        )
+    memo = {} if memo is None else memo
+    for name, value in list(vars(sampler).items()):
+        if isinstance(value, DiffusionSampler):
+            if id(value) not in memo:
+                memo[id(value)] = StaticChain(value, policy, mode, precision, memo)
+            setattr(sampler, name, memo[id(value)])
+        elif isinstance(value, ChunkSampler):
+            accelerate(value, policy, mode, precision, memo)
+    return sampler

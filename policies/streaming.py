@@ -1,0 +1,342 @@
+"""Streaming Diffusion Policy (SDP): a chunk whose actions carry increasing noise levels.
+
+Layout. The Tp positions of a chunk form h sub-chunks: sub-chunk 0 is [0, To-1+Ta) (the To-1
+past actions and the executed slice), sub-chunk j >= 1 is [To-1+j*Ta, To-1+(j+1)*Ta). This needs
+Tp - To + 1 divisible by Ta (h = (Tp - To + 1) / Ta) and the number of train steps N divisible by
+h (D = N / h levels per call).
+
+Levels. Level L in {0, ..., N}: L = 0 is clean, L >= 1 is train timestep L - 1 (L = N is the top,
+t = N - 1, where fresh Gaussian noise enters as in DDPM). The policy's denoiser sees one level
+per action (``per_action_levels``).
+
+Training (``streaming_bc_loss``). With probability 1 - ``P_CONSTANT`` the levels form the chunk-wise
+staircase L_j = j*D + o with one random offset o in {1, ..., D} shared by the chunk; otherwise
+one random level in {1, ..., N} is shared by every action (constant-level samples).
+
+Inference (``StreamingChunkSampler``). Before a call sub-chunk j sits at level (j+1)*D (the
+pattern). Each network call lowers every action by one level of its own (a DDIM transition
+t -> t-1 per action, ``eta`` as in DDIM); after D calls sub-chunk 0 is clean and its executed
+slice is returned. The buffer then rolls by Ta: sub-chunk j+1 (now at level (j+1)*D) becomes
+sub-chunk j, fresh noise at level N fills the last Ta positions, and the To-1 past positions,
+which roll in clean, are re-noised to level D with q(x_t | x_0): the pattern is restored. The
+staircase offsets o = D, ..., 1 of training are exactly the levels a call visits.
+
+First call of a stream (or after a reset): the chunk is drawn with a full constant-level chain
+(N network calls from pure noise, DDIM over every level: the constant-level training samples),
+its executed slice is returned, and the buffer is built from the clean chunk exactly as after a
+roll: rolled by Ta, its future sub-chunks q-noised to the pattern, fresh noise at the top.
+
+State (per stream, leading dimension B): ``buffer`` (B, Tp, Da) normalised noisy actions,
+``levels`` (B, Tp) long, ``has_buffer`` (B,) bool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from policies.chunk_ops import rows
+from policies.chunk_samplers import CHUNK_SAMPLERS, ChunkSampler, SamplerState
+from policies.diffusion import DiffusionPolicy
+from policies.normalizer import ACTION_KEY
+from policies.samplers import ChainResult, DDIMSampler, Hook
+from policies.schedule import NoiseSchedule
+
+P_CONSTANT = 0.2
+"""Share of training samples whose actions all share one noise level (SDP mixes ~0.8 / 0.2)."""
+STREAMING = "streaming"
+
+
+@dataclass(frozen=True)
+class StreamingLayout:
+    """Sub-chunks and levels of a streaming policy (see the module docstring)."""
+
+    horizon: int
+    n_obs_steps: int
+    n_action_steps: int
+    num_train_steps: int
+
+    def __post_init__(self):
+        span = self.horizon - self.n_obs_steps + 1
+        if span % self.n_action_steps:
+            raise ValueError(
+                f"streaming needs Tp - To + 1 = {self.horizon} - {self.n_obs_steps} + 1 = {span} "
+                f"divisible by Ta = {self.n_action_steps} (sub-chunks of Ta actions after the "
+                f"To-1 past ones); e.g. horizon={self.n_obs_steps - 1 + 4 * self.n_action_steps}"
+            )
+        if self.num_train_steps % self.n_sub_chunks:
+            raise ValueError(
+                f"streaming needs the number of train steps N = {self.num_train_steps} divisible "
+                f"by the number of sub-chunks h = {self.n_sub_chunks} (each call denoises N/h "
+                f"levels); e.g. schedule.num_train_steps={3 * self.n_sub_chunks}"
+            )
+
+    @classmethod
+    def of(cls, policy: DiffusionPolicy) -> StreamingLayout:
+        cfg = policy.cfg
+        return cls(
+            cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps, policy.schedule.num_train_steps
+        )
+
+    @property
+    def n_sub_chunks(self) -> int:
+        """h."""
+        return (self.horizon - self.n_obs_steps + 1) // self.n_action_steps
+
+    @property
+    def levels_per_call(self) -> int:
+        """D = N / h: network calls per sampler call."""
+        return self.num_train_steps // self.n_sub_chunks
+
+    def sub_chunk_index(self, device=None) -> torch.Tensor:
+        """(Tp,) long: the sub-chunk of each position."""
+        p = torch.arange(self.horizon, device=device)
+        return ((p - (self.n_obs_steps - 1)).clamp(min=0)) // self.n_action_steps
+
+    def pattern(self, device=None) -> torch.Tensor:
+        """(Tp,) long: each position's level before a call, (j + 1) * D."""
+        return (self.sub_chunk_index(device) + 1) * self.levels_per_call
+
+
+def training_levels(
+    layout: StreamingLayout,
+    batch: int,
+    generator: torch.Generator | None = None,
+    device=None,
+    p_constant: float = P_CONSTANT,
+) -> torch.Tensor:
+    """(B, Tp) long levels in {1..N}: staircases with a shared offset, or one constant level."""
+    d, n = layout.levels_per_call, layout.num_train_steps
+    offset = torch.randint(1, d + 1, (batch, 1), generator=generator, device=device)
+    stair = layout.sub_chunk_index(device)[None] * d + offset
+    constant = torch.randint(1, n + 1, (batch, 1), generator=generator, device=device)
+    use_constant = torch.rand((batch, 1), generator=generator, device=device) < p_constant
+    return torch.where(use_constant, constant.expand_as(stair), stair)
+
+
+def streaming_bc_loss(
+    policy: DiffusionPolicy,
+    obs: dict[str, torch.Tensor],
+    action: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Epsilon-prediction MSE with one noise level per action: obs {key: (B,To,...)}, action (B,Tp,Da)."""
+    layout = StreamingLayout.of(policy)
+    cond = policy.condition(obs)
+    x0 = policy.normalizer.normalize(ACTION_KEY, action)
+    t = training_levels(layout, x0.shape[0], generator, x0.device) - 1
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    noisy = policy.schedule.add_noise(x0, eps, t.cpu())  # the schedule's tables live on CPU
+    pred = policy.denoiser(noisy, t, cond)
+    return nn.functional.mse_loss(pred, eps)
+
+
+def level_alphas(schedule: NoiseSchedule, t: torch.Tensor):
+    """(alpha-bar_t, alpha-bar_{t-1}) for per-action timesteps t (..., Tp): each (..., Tp, 1)."""
+    t_cpu = t.cpu()  # the schedule's tables live on the CPU
+    a = schedule.alpha_bar(t_cpu)[..., None].to(t.device)
+    a_prev = schedule.alpha_bar(t_cpu - 1)[..., None].to(t.device)
+    return a, a_prev
+
+
+def level_transition(
+    schedule: NoiseSchedule,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    a: torch.Tensor,
+    a_prev: torch.Tensor,
+    eta: float,
+):
+    """Per-action DDIM step from alpha-bar ``a`` to ``a_prev`` (``level_alphas``): (mean, std, x0).
+
+    x, eps, mean, x0: (B, Tp, Da); a, a_prev, std: (B or 1, Tp, 1); std is zero where a_prev = 1
+    (the step to clean).
+    """
+    x0 = schedule.clip_x0((x - (1 - a).sqrt() * eps) / a.sqrt())
+    std = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    return mean, std, x0
+
+
+class StreamingChunkSampler(ChunkSampler):
+    """SDP runtime: D = N/h network calls per call, the noisy buffer kept in the runtime state.
+
+    ``nfe`` of a call: D for streams with a buffer, N for streams starting (a batch mixing both
+    runs two sub-batches). ``sample`` also rolls the buffer (it draws the fresh noise).
+    """
+
+    name = STREAMING
+    supports_guidance = False
+    policy_types = (STREAMING,)
+
+    def __init__(self, policy: DiffusionPolicy, eta: float = 0.0):
+        if policy.cfg.policy_type != STREAMING:
+            raise ValueError(
+                f"sampler 'streaming' needs a policy trained with per-action noise levels "
+                f"(policy type 'streaming', e.g. `dppo pretrain policy=streaming`); this policy "
+                f"is of type {policy.cfg.policy_type!r}: use ddpm, ddim, rti or truncated"
+            )
+        self.layout = lay = StreamingLayout.of(policy)
+        n = lay.num_train_steps
+        super().__init__(DDIMSampler(policy.schedule, eta=eta, timesteps=range(n - 1, -1, -1)))
+        self.eta = float(eta)
+        self.schedule = policy.schedule
+        pattern = lay.pattern()
+        # After a call sub-chunk j sits at level j*D; rolled by Ta, position p holds what was at
+        # p + Ta. Positions that roll in clean below their pattern level (the To-1 past ones)
+        # are re-noised; every other rolled position lands exactly on its pattern level.
+        after = (pattern - lay.levels_per_call)[lay.n_action_steps :]
+        target = pattern[: lay.horizon - lay.n_action_steps]
+        if not bool(((after == target) | (after == 0)).all()):
+            raise RuntimeError(f"streaming layout {lay} does not restore its pattern")
+        fresh = torch.zeros(lay.n_action_steps, dtype=torch.bool)
+        self.renoise = {
+            False: torch.cat([after < target, fresh]),
+            True: torch.cat([torch.ones(lay.horizon - lay.n_action_steps).bool(), fresh]),
+        }
+        """Positions re-noised by ``roll`` after a steady-state call (False) or a first call (True)."""
+        self._steps: dict[str, list] = {}
+
+    def steps_on(self, device) -> list:
+        """Per network call c of a steady-state call: (timesteps (Tp,) = pattern - 1 - c,
+        alpha-bar (Tp, 1), alpha-bar of the next level (Tp, 1)) on ``device``."""
+        key = str(device)
+        if key not in self._steps:
+            pattern = self.layout.pattern(device)
+            self._steps[key] = [
+                (pattern - 1 - c, *level_alphas(self.schedule, pattern - 1 - c))
+                for c in range(self.layout.levels_per_call)
+            ]
+        return self._steps[key]
+
+    def init_state(self, policy: DiffusionPolicy, batch: int, device) -> SamplerState:
+        cfg = policy.cfg
+        return {
+            "buffer": torch.zeros(batch, cfg.horizon, cfg.action_dim, device=device),
+            "levels": self.layout.pattern(device).repeat(batch, 1),
+            "has_buffer": torch.zeros(batch, dtype=torch.bool, device=device),
+        }
+
+    def reset_state(self, state: SamplerState, mask: torch.Tensor) -> None:
+        state["has_buffer"][mask.to(state["has_buffer"].device)] = False
+
+    def sample(
+        self,
+        policy: DiffusionPolicy,
+        cond: torch.Tensor,
+        state: SamplerState,
+        *,
+        generator: torch.Generator | None,
+        hooks: Sequence[Hook] = (),
+        obs: dict[str, torch.Tensor] | None = None,
+        record_from: int | None = None,
+    ) -> ChainResult:
+        if hooks:
+            raise ValueError("sampler 'streaming' does not support guidance hooks")
+        if record_from is not None:
+            raise ValueError("sampler 'streaming' does not record chains; DPPO uses ddpm or ddim")
+        has = state["has_buffer"]
+        if has.shape[0] != cond.shape[0]:
+            raise ValueError(
+                f"streaming state holds {has.shape[0]} streams, got a batch of "
+                f"{cond.shape[0]}: build the runtime with n_streams={cond.shape[0]}"
+            )
+        n_warm = int(has.sum())
+        if n_warm == len(has):  # steady state: the whole batch advances, no indexing
+            chunk, buffer = self.advance(policy, cond, state["buffer"], state["levels"], generator)
+            state["buffer"] = self.roll(buffer, cold=False, generator=generator)
+            return ChainResult(x=chunk, chain=None, nfe=self.layout.levels_per_call)
+        cfg = policy.cfg
+        x = torch.empty(
+            cond.shape[0], cfg.horizon, cfg.action_dim, device=cond.device, dtype=cond.dtype
+        )
+        buffers = state["buffer"].clone()
+        nfe = 0
+        cold = torch.nonzero(~has).flatten()
+        noise = torch.randn(
+            (len(cold), cfg.horizon, cfg.action_dim),
+            generator=generator,
+            device=cond.device,
+            dtype=cond.dtype,
+        )
+        res = self.diffusion.run(
+            policy.eps_fn(cond[cold]), noise, cond[cold], generator=generator, obs=rows(obs, cold)
+        )
+        x[cold] = res.x
+        buffers[cold] = self.roll(res.x, cold=True, generator=generator)
+        nfe += res.nfe
+        if n_warm:
+            warm = torch.nonzero(has).flatten()
+            chunk, buffer = self.advance(
+                policy, cond[warm], state["buffer"][warm], state["levels"][warm], generator
+            )
+            x[warm] = chunk
+            buffers[warm] = self.roll(buffer, cold=False, generator=generator)
+            nfe += self.layout.levels_per_call
+        state["buffer"] = buffers
+        state["levels"] = self.layout.pattern(cond.device).repeat(len(has), 1)
+        state["has_buffer"] = torch.ones_like(has)
+        return ChainResult(x=x, chain=None, nfe=nfe)
+
+    def advance(
+        self,
+        policy: DiffusionPolicy,
+        cond: torch.Tensor,
+        buffer: torch.Tensor,
+        levels: torch.Tensor,
+        generator: torch.Generator | None,
+    ):
+        """D network calls on buffers (M, Tp, Da) whose levels (M, Tp) are the pattern.
+
+        Returns (chunk, buffer): the chunk holds the clean sub-chunk 0 (level 0) and the last x0
+        prediction elsewhere; the buffer is the denoised one (sub-chunk j at level j*D), unrolled.
+        """
+        pattern = self.layout.pattern(levels.device)
+        if not bool((levels == pattern).all()):
+            raise RuntimeError(
+                f"streaming buffer levels {levels.tolist()} are not the pattern "
+                f"{pattern.tolist()}: the sampler state was corrupted"
+            )
+        x = buffer
+        m = x.shape[0]
+        for t, a, a_prev in self.steps_on(x.device):
+            eps = policy.eps(x, t.expand(m, -1), cond)
+            mean, std, x0 = level_transition(self.schedule, x, eps, a, a_prev, self.eta)
+            x = mean + std * self.diffusion.draw_noise(x, generator) if self.eta > 0 else mean
+        clean = (pattern == self.layout.levels_per_call)[:, None]
+        return torch.where(clean, x, x0), x
+
+    def roll(self, x: torch.Tensor, cold: bool, generator: torch.Generator | None) -> torch.Tensor:
+        """Buffers after a call (M, Tp, Da) -> the next call's: shifted by Ta, fresh noise at
+        level N appended, clean positions re-noised to their pattern level (all of them when
+        ``cold``: the chunk of a first call is clean everywhere)."""
+        lay = self.layout
+        ta = lay.n_action_steps
+        fresh = torch.randn(
+            (x.shape[0], ta, x.shape[2]), generator=generator, device=x.device, dtype=x.dtype
+        )
+        x = torch.cat([x[:, ta:], fresh], dim=1)
+        renoise = self.renoise[cold]
+        if not bool(renoise.any()):
+            return x
+        pattern = lay.pattern()
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noised = self.schedule.add_noise(x, z, (pattern - 1).expand(x.shape[0], -1))
+        return torch.where(renoise.to(x.device)[:, None], noised, x)
+
+    def describe(self) -> dict:
+        lay = self.layout
+        return {
+            "name": self.name,
+            "eta": self.eta,
+            "n_sub_chunks": lay.n_sub_chunks,
+            "levels_per_call": lay.levels_per_call,
+            "num_train_steps": lay.num_train_steps,
+            "n_steps": lay.levels_per_call,
+        }
+
+
+CHUNK_SAMPLERS[StreamingChunkSampler.name] = StreamingChunkSampler
