@@ -16,6 +16,9 @@ COMMANDS: dict[str, str] = {
     "robot-sim": "drive a simulated MuJoCo robot through a policy server with the robot client",
     "finetune": "fine-tune a pre-trained policy with DPPO (or the Gaussian-PPO baseline)",
     "train-dynamics": "train DynaGuide's dynamics model on demos: (obs, chunk) -> future obs",
+    "collect-play": "record scripted exploratory play data (with success labels) for a world model",
+    "train-world-model": "train an RSSM world model + success classifier on play data",
+    "finetune-offline": "DPPO fine-tuning inside a learned world model: zero env steps (DiWA)",
 }
 
 
@@ -24,6 +27,7 @@ BENCHES: dict[str, str] = {
     "dppo": "DPPO loop throughput: rollout env-steps/s vs raw env, PPO-update samples/s",
     "serve": "policy server latency over loopback and throughput with concurrent clients",
     "guidance": "DynaGuide steering: share of episodes at the chosen goal over strengths",
+    "rollout": "DPPO rollout env-steps/s on Ray workers (runner=local|ray) and its overheads",
 }
 """``dppo bench <name>`` runs ``commands.bench_<name>`` with ``cfg/bench_<name>.yaml``."""
 

@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 
 import envs
 from dppo.config import require
-from dppo.evaluate import evaluate
 from dppo.run_dir import write_json
+from dppo.runners import evaluate_with_runner
 from policies.checkpoint import load_policy, read_checkpoint_meta, resolve_checkpoint
 from policies.chunk_samplers import build_chunk_sampler
 from policies.guidance import build_hooks
@@ -80,7 +80,7 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the subcommand's na
         return PolicyRuntime(policy, sampler, n_streams, hooks=hooks, seed=cfg.seed)
 
     runtime = make_runtime(n_envs)
-    result = evaluate(runtime, task, cfg.n_episodes, n_envs, seed=cfg.seed).to_dict()
+    result = evaluate_with_runner(cfg, runtime, policy, task, n_envs).to_dict()
     out = Path(cfg.out) if cfg.out else _run_of(folder) / f"eval-{name}"
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -187,3 +187,15 @@ def finetune_offline(cfg: DictConfig) -> dict[str, Any]:
     from dppo.finetune_offline import finetune_offline as run_finetune_offline
 
     return run_finetune_offline(cfg)
+
+
+def bench_inference(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.bench_inference import run_bench_inference
+
+    return run_bench_inference(cfg)
+
+
+def bench_rollout(cfg: DictConfig) -> dict[str, Any]:
+    from dppo.bench_rollout import run_bench_rollout
+
+    return run_bench_rollout(cfg)
