@@ -148,3 +148,48 @@ def test_bad_configs_fail_before_training(pretrained_run, tmp_path, override, me
     with pytest.raises(ConfigError, match=message):
         finetune(cfg)
     assert not (tmp_path / "x").exists()
+
+
+def test_bc_regulariser_uses_demonstrations(pretrained_run, demo_dataset, tmp_path):
+    cfg = small_cfg(
+        pretrained_run,
+        f"out={tmp_path / 'bc'}",
+        "algorithm.iterations=1",
+        "algorithm.bc_coef=0.1",
+        f"algorithm.bc_dataset={demo_dataset}",
+        "algorithm.bc_batch_size=16",
+    )
+    finetune(cfg)
+    rec = _metrics(tmp_path / "bc")[-1]
+    assert rec["bc_loss"] > 0 and np.isfinite(rec["bc_loss"])
+
+
+def test_wandb_offline_mirror_writes_locally(tmp_path):
+    from dppo.tracking import Tracker
+
+    tracker = Tracker("offline", "dppo-test", str(tmp_path), {"a": 1})
+    tracker.log({"loss": 1.0}, step=1)
+    tracker.close()
+    assert any((tmp_path / "wandb").glob("offline-run-*"))
+    with pytest.raises(ValueError, match="wandb.mode"):
+        Tracker("cloud", "x", str(tmp_path), {})
+
+
+@pytest.mark.slow
+def test_short_finetuning_improves_success(tmp_path):
+    """The quickstart recipe at reduced size: DPPO must beat the pre-trained policy."""
+    from dppo.quickstart import quickstart
+
+    cfg = load_config(
+        "quickstart",
+        [
+            f"out={tmp_path / 'qs'}",
+            "demo_episodes=60",
+            "pretrain_steps=1500",
+            "finetune_iterations=12",
+            "eval_episodes=50",
+        ],
+    )
+    quickstart(cfg)
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert summary["finetune"]["success_rate"] > summary["pretrain"]["success_rate"] + 0.1
