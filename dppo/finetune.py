@@ -32,6 +32,7 @@ from dppo.ppo_math import (
     gae,
 )
 from dppo.run_dir import RunDir, default_run_path, plot_curves
+from dppo.runners import build_runner, validate_runner
 from dppo.schedules import warmup_cosine
 from dppo.tracking import Tracker
 from policies.checkpoint import (
@@ -52,6 +53,8 @@ ENV_SEED_STRIDE = 10_007
 def validate(cfg: DictConfig) -> None:
     """Every check that can fail runs here, before any rollout."""
     a = cfg.algorithm
+    if cfg.get("runner") is not None:
+        validate_runner(cfg, cfg.task.n_envs)
     require(a.iterations > 0, f"algorithm.iterations must be > 0, got {a.iterations}")
     require(a.n_steps > 0 and cfg.task.n_envs > 0, "algorithm.n_steps and task.n_envs must be > 0")
     require(a.update_epochs > 0, "algorithm.update_epochs must be > 0")
@@ -417,7 +420,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune with PPO (DPPO for diffusion actors); returns the run summary.
 
-    ``make_venv(cfg)`` builds the training vector env (default: ``envs.make_vec_env`` of the task;
+    Rollouts run on ``cfg.runner`` (``dppo.runners``: in-process or Ray workers). ``make_venv(cfg)``
+    builds the training vector env (default: ``envs.make_vec_env`` of the task;
     ``dppo.finetune_offline`` passes a world model's imagined env). Evaluation stays real.
     """
     if cfg.resume:
@@ -433,19 +437,7 @@ def finetune(
         restore_checkpoint(learner, run.checkpoints / LATEST)
         run.truncate_metrics(lambda r: r.get("iteration", 0) <= learner.iteration)
     tracker = Tracker(cfg.wandb.mode, cfg.wandb.project, str(run.path), to_container(cfg))
-    obs_key = envs.get_task(task.name).obs_key
-    venv = (
-        make_venv(cfg)
-        if make_venv is not None
-        else envs.make_vec_env(
-            task.name,
-            task.n_envs,
-            seed=cfg.seed,
-            n_obs_steps=task.n_obs_steps,
-            n_action_steps=task.n_action_steps,
-            reward_type=task.reward_type,
-        )
-    )
+    runner = build_runner(cfg, learner, make_venv)
     bc = bc_batch_stream(cfg, learner.actor.policy, cfg.seed) if a.bc_coef > 0 else None
     initial = None
     if learner.iteration == 0 and cfg.eval_episodes:
@@ -473,14 +465,7 @@ def finetune(
     )
     for itr in bar:
         t0 = time.perf_counter()
-        ro = collect_rollout(
-            learner,
-            venv,
-            obs_key,
-            a.n_steps,
-            cfg.seed + itr * ENV_SEED_STRIDE,
-            scale=a.reward_scaling,
-        )
+        ro = runner.collect(learner, a.n_steps, cfg.seed + itr * ENV_SEED_STRIDE)
         t1 = time.perf_counter()
         cond, chain = ro.stacked()
         cond, chain = cond.flatten(0, 1), chain.flatten(0, 1)
@@ -536,7 +521,7 @@ def finetune(
         bar.set_postfix(success=record["success_rate"], kl=f"{stats.get('approx_kl', 0):.3g}")
         if learner.iteration % cfg.checkpoint_every == 0 or learner.iteration == a.iterations:
             save_checkpoint(learner, run)
-    venv.close()
+    runner.close()
     tracker.close()
     metrics = run.read_metrics()
     plot_curves(
@@ -556,8 +541,8 @@ def finetune(
             "env_steps": learner.env_steps,
             "initial_success_rate": evals[0]["eval/success_rate"] if evals else None,
             "success_rate": evals[-1]["eval/success_rate"] if evals else None,
-        "initial_mean_return": evals[0]["eval/mean_return"] if evals else None,
-        "mean_return": evals[-1]["eval/mean_return"] if evals else None,
+            "initial_mean_return": evals[0]["eval/mean_return"] if evals else None,
+            "mean_return": evals[-1]["eval/mean_return"] if evals else None,
             "initial_eval": initial.to_dict() if initial else None,
         }
     )
