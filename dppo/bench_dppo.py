@@ -12,13 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import envs
-from dppo.finetune import (
-    build_learner,
-    collect_rollout,
-    compute_advantages,
-    old_log_probs,
-    ppo_update,
-)
+from dppo.finetune import build_learner, collect_rollout, learn
 from dppo.run_dir import write_json
 
 
@@ -39,7 +33,7 @@ def raw_env_throughput(
     return done_steps / elapsed
 
 
-def _checkpoint(cfg: DictConfig, tmp: Path) -> str:
+def checkpoint_or_fresh_policy(cfg: DictConfig, tmp: Path) -> str:
     if cfg.checkpoint:
         return cfg.checkpoint
     from dppo.pretrain import build_policy, task_io_spec
@@ -60,7 +54,7 @@ def run_bench_dppo(cfg: DictConfig) -> dict[str, Any]:
             {
                 "task": task,
                 "algorithm": a,
-                "checkpoint": _checkpoint(cfg, Path(tmp)),
+                "checkpoint": checkpoint_or_fresh_policy(cfg, Path(tmp)),
                 "seed": cfg.seed,
             }
         )
@@ -81,27 +75,12 @@ def run_bench_dppo(cfg: DictConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         ro = collect_rollout(learner, venv, obs_key, a.n_steps, cfg.seed + itr, scale=True)
         t1 = time.perf_counter()
-        cond, chain = (x.flatten(0, 1) for x in ro.stacked())
-        old = old_log_probs(learner.actor, cond, chain, a.logprob_batch_size)
-        t2 = time.perf_counter()
-        values, adv, ret = compute_advantages(learner, ro, a.gamma, a.gae_lambda)
-        ppo_update(
-            learner,
-            cond,
-            chain,
-            old,
-            adv.reshape(-1),
-            ret.reshape(-1),
-            values.reshape(-1),
-            a,
-            train_actor=True,
-        )
-        t3 = time.perf_counter()
+        stats, learn_times = learn(learner, ro, a, train_actor=True)
         times["rollout"] += t1 - t0
-        times["logprob"] += t2 - t1
-        times["update"] += t3 - t2
+        times["logprob"] += learn_times["time_logprob"]
+        times["update"] += learn_times["time_update"]
         env_steps += learner.env_steps - before
-        pairs += old.numel()
+        pairs += stats["n_pairs"]
     venv.close()
     raw = raw_env_throughput(
         task.name, task.n_envs, task.n_action_steps, cfg.raw_env_steps, cfg.seed

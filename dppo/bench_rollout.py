@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dppo.bench_dppo import _checkpoint
+from dppo.bench_dppo import checkpoint_or_fresh_policy
 from dppo.buffer import Rollout
-from dppo.finetune import build_learner, compute_advantages, old_log_probs, ppo_update
+from dppo.finetune import build_learner, learn
 from dppo.run_dir import write_json
 from dppo.runners import build_runner
 
@@ -52,22 +52,8 @@ def _time_runner(runner, learner, cfg: DictConfig) -> tuple[dict[str, float], Ro
 
 def _update_time(learner, ro, a) -> float:
     """Seconds of the learner's work on one batch: old log-probs, GAE and the PPO epochs."""
-    start = time.perf_counter()
-    cond, chain = (x.flatten(0, 1) for x in ro.stacked())
-    old = old_log_probs(learner.actor, cond, chain, a.logprob_batch_size)
-    values, adv, ret = compute_advantages(learner, ro, a.gamma, a.gae_lambda)
-    ppo_update(
-        learner,
-        cond,
-        chain,
-        old,
-        adv.reshape(-1),
-        ret.reshape(-1),
-        values.reshape(-1),
-        a,
-        train_actor=True,
-    )
-    return time.perf_counter() - start
+    _, times = learn(learner, ro, a, train_actor=True)
+    return times["time_logprob"] + times["time_update"]
 
 
 def run_bench_rollout(cfg: DictConfig) -> dict[str, Any]:
@@ -79,7 +65,7 @@ def run_bench_rollout(cfg: DictConfig) -> dict[str, Any]:
                 "task": task,
                 "algorithm": a,
                 "runner": cfg.runner,
-                "checkpoint": _checkpoint(cfg, Path(tmp)),
+                "checkpoint": checkpoint_or_fresh_policy(cfg, Path(tmp)),
                 "seed": cfg.seed,
                 "threads": cfg.threads,
             }

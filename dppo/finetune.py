@@ -314,6 +314,32 @@ def ppo_update(
     return out
 
 
+def learn(learner: Learner, ro: Rollout, a, train_actor: bool, bc_batches=None):
+    """One iteration's learning on a rollout: old log-probs, GAE, PPO epochs.
+
+    Returns (update stats, {"time_logprob": s, "time_update": s}).
+    """
+    start = time.perf_counter()
+    cond, chain = (x.flatten(0, 1) for x in ro.stacked())
+    old_lp = old_log_probs(learner.actor, cond, chain, a.logprob_batch_size)
+    mid = time.perf_counter()
+    values, adv, ret = compute_advantages(learner, ro, a.gamma, a.gae_lambda)
+    stats = ppo_update(
+        learner,
+        cond,
+        chain,
+        old_lp,
+        adv.reshape(-1),
+        ret.reshape(-1),
+        values.reshape(-1),
+        a,
+        train_actor=train_actor,
+        bc_batches=bc_batches,
+    )
+    stats["n_pairs"] = old_lp.numel()
+    return stats, {"time_logprob": mid - start, "time_update": time.perf_counter() - mid}
+
+
 class GaussianRuntime:
     """Adapter so ``dppo.evaluate`` can run the Gaussian baseline deterministically."""
 
@@ -467,27 +493,12 @@ def finetune(
         t0 = time.perf_counter()
         ro = runner.collect(learner, a.n_steps, cfg.seed + itr * ENV_SEED_STRIDE)
         t1 = time.perf_counter()
-        cond, chain = ro.stacked()
-        cond, chain = cond.flatten(0, 1), chain.flatten(0, 1)
-        old_lp = old_log_probs(learner.actor, cond, chain, a.logprob_batch_size)
-        t2 = time.perf_counter()
-        values, adv, ret = compute_advantages(learner, ro, a.gamma, a.gae_lambda)
-        stats = ppo_update(
-            learner,
-            cond,
-            chain,
-            old_lp,
-            adv.reshape(-1),
-            ret.reshape(-1),
-            values.reshape(-1),
-            a,
-            train_actor=itr >= a.critic_warmup_iterations,
-            bc_batches=bc,
+        stats, times = learn(
+            learner, ro, a, train_actor=itr >= a.critic_warmup_iterations, bc_batches=bc
         )
         if itr >= a.critic_warmup_iterations:
             learner.actor_sched.step()
         learner.critic_sched.step()
-        t3 = time.perf_counter()
         learner.iteration = itr + 1
         record = {
             "iteration": learner.iteration,
@@ -498,8 +509,7 @@ def finetune(
             "sim_faults": ro.sim_faults,
             "reward_mean": float(ro.arrays("raw_rewards").mean()),
             "time_rollout": t1 - t0,
-            "time_logprob": t2 - t1,
-            "time_update": t3 - t2,
+            **times,
             **stats,
         }
         if cfg.eval_every and (

@@ -11,10 +11,9 @@ from dppo.config import ConfigError, load_config
 from dppo.finetune import (
     build_learner,
     collect_rollout,
-    compute_advantages,
     finetune,
+    learn,
     old_log_probs,
-    ppo_update,
 )
 
 SMALL = [
@@ -76,20 +75,7 @@ def test_frozen_denoiser_serves_early_steps_and_never_changes(pretrained_run):
     tuned_before = {n: p.clone() for n, p in policy.denoiser.named_parameters()}
     ro = rollout(learner, cfg)
     assert ro.chain[0].shape[1] == k + 1  # only the fine-tuned steps are recorded
-    cond, chain = (x.flatten(0, 1) for x in ro.stacked())
-    old = old_log_probs(learner.actor, cond, chain, 64)
-    values, adv, ret = compute_advantages(learner, ro, 0.99, 0.95)
-    stats = ppo_update(
-        learner,
-        cond,
-        chain,
-        old,
-        adv.reshape(-1),
-        ret.reshape(-1),
-        values.reshape(-1),
-        cfg.algorithm,
-        train_actor=True,
-    )
+    stats, _ = learn(learner, ro, cfg.algorithm, train_actor=True)
     assert np.isfinite(stats["policy_loss"]) and stats["ratio_mean"] > 0
     for n, p in policy.frozen_denoiser.named_parameters():
         assert torch.equal(p, frozen_before[n]), n
