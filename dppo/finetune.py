@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -345,7 +346,7 @@ class GaussianRuntime:
 
     def __init__(self, actor: GaussianActor, n_obs_steps: int, n_action_steps: int):
         self.actor = actor
-        self.cfg = type("Cfg", (), {"n_obs_steps": n_obs_steps, "n_action_steps": n_action_steps})
+        self.cfg = SimpleNamespace(n_obs_steps=n_obs_steps, n_action_steps=n_action_steps)
 
     def reset(self, mask=None) -> None:
         """The Gaussian policy keeps no per-episode state."""
@@ -354,7 +355,7 @@ class GaussianRuntime:
         start = time.perf_counter()
         actions, _ = self.actor.act(obs, deterministic=True)
         ms = (time.perf_counter() - start) * 1e3
-        return type("Res", (), {"actions": actions, "ms": ms, "nfe": 1})
+        return SimpleNamespace(actions=actions, ms=ms, nfe=1)
 
 
 def eval_runtime(learner: Learner, cfg: DictConfig, n_envs: int, seed: int):
