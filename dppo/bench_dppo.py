@@ -46,19 +46,25 @@ def checkpoint_or_fresh_policy(cfg: DictConfig, tmp: Path) -> str:
     return str(save_policy(policy, tmp / "policy"))
 
 
-def run_bench_dppo(cfg: DictConfig) -> dict[str, Any]:
-    torch.set_num_threads(cfg.threads)
-    a, task = cfg.algorithm, cfg.task
+def bench_learner(cfg: DictConfig, **extra: Any):
+    """A DPPO learner for ``cfg``'s task and algorithm (``extra`` keys join its finetune config)."""
     with tempfile.TemporaryDirectory() as tmp:
         ft_cfg = OmegaConf.create(
             {
-                "task": task,
-                "algorithm": a,
-                "checkpoint": checkpoint_or_fresh_policy(cfg, Path(tmp)),
+                "task": cfg.task,
+                "algorithm": cfg.algorithm,
                 "seed": cfg.seed,
+                "checkpoint": checkpoint_or_fresh_policy(cfg, Path(tmp)),
+                **extra,
             }
         )
-        learner = build_learner(ft_cfg)
+        return build_learner(ft_cfg)
+
+
+def run_bench_dppo(cfg: DictConfig) -> dict[str, Any]:
+    torch.set_num_threads(cfg.threads)
+    a, task = cfg.algorithm, cfg.task
+    learner = bench_learner(cfg)
     obs_key = envs.get_task(task.name).obs_key
     venv = envs.make_vec_env(
         task.name,
