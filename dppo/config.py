@@ -16,6 +16,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "eval": {"steps": "sampler.steps", "eta": "sampler.eta", "task": "eval_task"},
     "pretrain": {"steps": "train.steps"},
     "finetune": {"n_envs": "task.n_envs", "iterations": "algorithm.iterations"},
+    "finetune_offline": {"n_envs": "task.n_envs", "iterations": "algorithm.iterations"},
     "bench_guidance": {"task": "eval_task"},
 }
 """Short override names accepted per command, mapped to their full config keys."""
