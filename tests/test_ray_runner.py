@@ -5,8 +5,6 @@ Starts its own 2-CPU Ray cluster; workers step real MuJoCo point_reach envs.
 
 import json
 import re
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -96,22 +94,17 @@ def assert_same_batch(a, b):
     assert a.sim_faults == b.sim_faults
 
 
-def collect_while_killing(runner, learner, worker, n_steps, seed):
-    """Run ``runner.collect`` in a thread and kill worker ``worker`` while it is in flight."""
-    out = {}
+def kill_then_collect(runner, learner, worker, n_steps, seed):
+    """Kill worker ``worker``, then run ``runner.collect``: the rollout call finds it dead.
 
-    def run():
-        try:
-            out["rollout"] = runner.collect(learner, n_steps, seed)
-        except Exception as exc:  # noqa: BLE001 - handed to the test thread
-            out["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    time.sleep(0.3)  # the rollout takes seconds: the kill lands before the worker's result
+    The pool handles a worker found dead and one that dies mid-rollout the same way (its
+    ``ray.get`` raises ``RayActorError``); killing first keeps the test free of timing races.
+    """
     ray.kill(runner.workers[worker])
-    thread.join()
-    return out
+    try:
+        return {"rollout": runner.collect(learner, n_steps, seed)}
+    except RuntimeError as exc:
+        return {"error": exc}
 
 
 def test_ray_batch_is_identical_to_the_local_runners(ray_setup, policy_dir):
@@ -141,7 +134,7 @@ def test_killed_worker_is_restarted_and_the_batch_unchanged(ray_setup, policy_di
     runner, learner = ray_setup
     expected, _ = local_reference(policy_dir, learner, N_STEPS, SEED + 2)
     restarts = runner.restarts
-    out = collect_while_killing(runner, learner, 0, N_STEPS, SEED + 2)
+    out = kill_then_collect(runner, learner, 0, N_STEPS, SEED + 2)
     assert "error" not in out, out.get("error")
     assert runner.restarts == restarts + 1
     assert_same_batch(expected, out["rollout"])
@@ -151,7 +144,7 @@ def test_gives_up_with_a_clear_error_after_max_retries(ray_setup):
     runner, learner = ray_setup
     runner.pool.max_retries = 0
     try:
-        out = collect_while_killing(runner, learner, 1, N_STEPS, SEED)
+        out = kill_then_collect(runner, learner, 1, N_STEPS, SEED)
     finally:
         runner.pool.max_retries = 2
     assert isinstance(out.get("error"), RuntimeError)
