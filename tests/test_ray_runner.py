@@ -4,7 +4,11 @@ Starts its own 2-CPU Ray cluster; workers step real MuJoCo point_reach envs.
 """
 
 import json
+import os
 import re
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from dppo.finetune import build_learner  # noqa: E402
 from dppo.runners import build_runner  # noqa: E402
 
 N_ENVS, N_STEPS, SEED = 4, 30, 11
+BUSY_CPU_S = 0.03  # worker CPU time that marks its rollout as under way
 BLOCK = "runner.denoiser_block_rows=16"  # bit-identical batches whatever the split
 
 
@@ -95,16 +100,40 @@ def assert_same_batch(a, b):
 
 
 def kill_then_collect(runner, learner, worker, n_steps, seed):
-    """Kill worker ``worker``, then run ``runner.collect``: the rollout call finds it dead.
-
-    The pool handles a worker found dead and one that dies mid-rollout the same way (its
-    ``ray.get`` raises ``RayActorError``); killing first keeps the test free of timing races.
-    """
+    """Kill worker ``worker``, then run ``runner.collect``: the rollout call finds it dead."""
     ray.kill(runner.workers[worker])
     try:
         return {"rollout": runner.collect(learner, n_steps, seed)}
     except RuntimeError as exc:
         return {"error": exc}
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of process ``pid`` (Linux ``/proc``)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sigkill_mid_rollout(runner, learner, worker, n_steps, seed):
+    """``runner.collect`` in a thread; SIGKILL worker ``worker``'s process once it is busy.
+
+    "Busy" is read from the worker's own CPU time (it rises once the rollout call runs), not
+    from a timer, so the kill lands inside the rollout on a fast or a loaded machine alike.
+    """
+    pid = ray.get(runner.workers[worker].ready.remote())
+    idle_cpu = cpu_seconds(pid)
+    out = {}
+
+    def run():
+        out["rollout"] = runner.collect(learner, n_steps, seed)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while cpu_seconds(pid) - idle_cpu < BUSY_CPU_S and thread.is_alive():
+        time.sleep(0.001)
+    os.kill(pid, signal.SIGKILL)
+    thread.join()
+    return out
 
 
 def test_ray_batch_is_identical_to_the_local_runners(ray_setup, policy_dir):
@@ -134,7 +163,16 @@ def test_killed_worker_is_restarted_and_the_batch_unchanged(ray_setup, policy_di
     runner, learner = ray_setup
     expected, _ = local_reference(policy_dir, learner, N_STEPS, SEED + 2)
     restarts = runner.restarts
-    out = kill_then_collect(runner, learner, 0, N_STEPS, SEED + 2)
+    out = sigkill_mid_rollout(runner, learner, 0, N_STEPS, SEED + 2)
+    assert runner.restarts == restarts + 1
+    assert_same_batch(expected, out["rollout"])
+
+
+def test_worker_found_dead_is_restarted(ray_setup, policy_dir):
+    runner, learner = ray_setup
+    expected, _ = local_reference(policy_dir, learner, 3, SEED + 3)
+    restarts = runner.restarts
+    out = kill_then_collect(runner, learner, 1, 3, SEED + 3)
     assert "error" not in out, out.get("error")
     assert runner.restarts == restarts + 1
     assert_same_batch(expected, out["rollout"])
