@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,25 +29,43 @@ from dppo.runners import build_runner
 
 
 def _time_runner(runner, learner, cfg: DictConfig) -> tuple[dict[str, float], Rollout]:
-    """Figures of ``cfg.iterations`` timed rollouts, and the last rollout."""
+    """Figures of ``cfg.iterations`` timed rollouts, and the last rollout.
+
+    ``env_steps_per_s`` is wall-clock throughput; ``env_steps_per_cpu_s`` divides by the CPU time
+    of the processes that stepped the envs (this one, or the Ray workers), which another process
+    sharing the cores disturbs far less. Ray also gets the per-worker rate measured inside the
+    workers and the broadcast / gather overhead per iteration.
+    """
     runner.collect(learner, 2, cfg.seed)  # warm-up
-    totals = {"collect_s": 0.0}
+    totals = {"collect_s": 0.0, "cpu_s": 0.0}
     steps = 0
+    worker_rates = []
     for itr in range(cfg.iterations):
         before = learner.env_steps
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         ro = runner.collect(learner, cfg.n_steps, cfg.seed + 1 + itr)
         totals["collect_s"] += time.perf_counter() - start
         steps += learner.env_steps - before
         timing = getattr(runner, "timing", {})  # Ray only: broadcast and gather, timed apart
-        for key in ("broadcast_s", "gather_s"):
-            if key in timing:
+        if timing:
+            totals["cpu_s"] += sum(timing["worker_cpu_s"])
+            per_worker = zip(timing["env_steps"], timing["worker_s"], strict=True)
+            worker_rates += [n / s for n, s in per_worker]
+            for key in ("broadcast_s", "gather_s"):
                 totals[key] = totals.get(key, 0.0) + timing[key]
+        else:
+            totals["cpu_s"] += time.process_time() - cpu
     figures = {
         "env_steps_per_s": round(steps / totals["collect_s"], 1),
+        "env_steps_per_cpu_s": round(steps / totals["cpu_s"], 1),
         "env_steps_per_iteration": steps // cfg.iterations,
+        "collect_s_per_iteration": round(totals["collect_s"] / cfg.iterations, 4),
     }
-    figures.update({f"{k}_per_iteration": round(v / cfg.iterations, 4) for k, v in totals.items()})
+    if worker_rates:
+        figures["worker_env_steps_per_s"] = round(float(np.median(worker_rates)), 1)
+    for key in ("broadcast_s", "gather_s"):
+        if key in totals:
+            figures[f"{key}_per_iteration"] = round(totals[key] / cfg.iterations, 4)
     return figures, ro
 
 
@@ -54,6 +73,29 @@ def _update_time(learner, ro, a) -> float:
     """Seconds of the learner's work on one batch: old log-probs, GAE and the PPO epochs."""
     _, times = learn(learner, ro, a, train_actor=True)
     return times["time_logprob"] + times["time_update"]
+
+
+def project_scale_out(
+    worker_rate: float,
+    batch_per_worker: int,
+    broadcast_s: float,
+    gather_s: float,
+    learner_rate: float,
+    workers: list[int],
+) -> dict[str, float]:
+    """Modelled env-steps/s of a synchronous DPPO iteration on N workers, each with its own core
+    and ``batch_per_worker`` env steps per iteration (weak scaling: the batch grows with N).
+
+    An iteration is the workers' rollout (``batch_per_worker / worker_rate``, in parallel), the
+    weight broadcast (once), gathering N slices (``gather_s`` per slice) and the learner's update
+    of N x ``batch_per_worker`` steps at ``learner_rate``; throughput tends to ``learner_rate``.
+    """
+    out = {}
+    for n in workers:
+        batch = n * batch_per_worker
+        seconds = batch_per_worker / worker_rate + broadcast_s + n * gather_s + batch / learner_rate
+        out[str(n)] = round(batch / seconds, 1)
+    return out
 
 
 def run_bench_rollout(cfg: DictConfig) -> dict[str, Any]:
@@ -86,9 +128,10 @@ def run_bench_rollout(cfg: DictConfig) -> dict[str, Any]:
         import ray
 
         start = time.perf_counter()
-        if cfg.runner.address is None:  # workers at the learner's priority, not Ray's nice 15
+        owns_ray = not ray.is_initialized()
+        if owns_ray and cfg.runner.address is None:  # workers at the learner's priority
             ray.init(include_dashboard=False, _system_config={"worker_niceness": 0})
-        else:
+        elif owns_ray:
             ray.init(address=cfg.runner.address, include_dashboard=False)
         result["ray_init_s"] = round(time.perf_counter() - start, 2)
         for n in cfg.workers:
@@ -100,7 +143,15 @@ def run_bench_rollout(cfg: DictConfig) -> dict[str, Any]:
             runner.close()
             figures["env_steps_per_s_per_worker"] = round(figures["env_steps_per_s"] / n, 1)
             settings[f"ray_{n}"] = {"workers_start_s": round(startup, 2), **figures}
-        ray.shutdown()
+        one = settings.get("ray_1")
+        for n in cfg.workers:  # against n x one worker's rate: 1.0 is linear scaling
+            if one is not None and n != 1:
+                ideal = n * one["env_steps_per_s"]
+                settings[f"ray_{n}"]["scaling_efficiency"] = round(
+                    settings[f"ray_{n}"]["env_steps_per_s"] / ideal, 3
+                )
+        if owns_ray:
+            ray.shutdown()
     update_s = _update_time(learner, last, a)
     batch_steps = next(iter(settings.values()))["env_steps_per_iteration"]
     result.update(
@@ -110,12 +161,28 @@ def run_bench_rollout(cfg: DictConfig) -> dict[str, Any]:
             "learner_bound_env_steps_per_s": round(batch_steps / update_s, 1),
         }
     )
+    one = settings.get("ray_1")
+    if one is not None:
+        result["projected_env_steps_per_s"] = project_scale_out(
+            one["worker_env_steps_per_s"],
+            one["env_steps_per_iteration"],
+            one["broadcast_s_per_iteration"],
+            one["gather_s_per_iteration"],
+            result["learner_bound_env_steps_per_s"],
+            [int(n) for n in cfg.projected_workers],
+        )
     for name, figures in settings.items():
         print(f"{name:>10}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
     print(
         f"learner update on one batch ({batch_steps} env steps): {update_s:.3f}s -> at most "
         f"{result['learner_bound_env_steps_per_s']} env-steps/s however many workers collect"
     )
+    if "projected_env_steps_per_s" in result:
+        print(
+            "modelled synchronous iterations, one worker per core, batch growing with workers "
+            "(workers: env-steps/s): "
+            + ", ".join(f"{n}: {v}" for n, v in result["projected_env_steps_per_s"].items())
+        )
     if cfg.out:
         write_json(Path(cfg.out), result)
     return result

@@ -147,7 +147,10 @@ def test_ray_batch_is_identical_to_the_local_runners(ray_setup, policy_dir):
     assert_same_batch(expected, ro)
     assert learner.env_steps == twin.env_steps > 0
     assert learner.reward_scaler.state_dict()["m2"] == twin.reward_scaler.state_dict()["m2"]
-    assert set(runner.timing) == {"broadcast_s", "rollout_s", "gather_s"}
+    assert {"broadcast_s", "rollout_s", "gather_s"} <= set(runner.timing)
+    assert sum(runner.timing["env_steps"]) == twin.env_steps  # per worker, in worker order
+    assert all(0 < s <= runner.timing["rollout_s"] for s in runner.timing["worker_s"])
+    assert all(c > 0 for c in runner.timing["worker_cpu_s"])
 
 
 def test_workers_sample_with_the_broadcast_weights(ray_setup, policy_dir):
@@ -246,6 +249,36 @@ def test_ray_evaluation_needs_whole_episodes_per_env(cluster, policy_dir):
     )
     with pytest.raises(ConfigError, match="must be a multiple of n_envs=2"):
         eval_command(cfg)
+
+
+def test_bench_rollout_reports_ray_and_local_figures(cluster, tmp_path):
+    from dppo.bench_rollout import run_bench_rollout
+
+    common = ["task=point_reach", "task.n_envs=2", "iterations=1", "n_steps=3"]
+    common += ["projected_workers=[1,4]"]
+    local = run_bench_rollout(load_config("bench_rollout", common))
+    out = tmp_path / "rollout.json"
+    remote = run_bench_rollout(
+        load_config(
+            "bench_rollout",
+            [*common, "runner=ray", "runner.cpus_per_worker=0.5", f"out={out}"],
+        )
+    )
+    assert json.loads(out.read_text()) == remote
+    assert set(remote["settings"]) == {"ray_1", "ray_2"}
+    one, two = remote["settings"]["ray_1"], remote["settings"]["ray_2"]
+    # the same seeds and envs: both settings collect the batch the local runner collects
+    for figures in (one, two):
+        assert (
+            figures["env_steps_per_iteration"]
+            == local["settings"]["local"]["env_steps_per_iteration"]
+        )
+        assert figures["worker_env_steps_per_s"] > 0 and figures["env_steps_per_cpu_s"] > 0
+    assert two["scaling_efficiency"] == pytest.approx(
+        two["env_steps_per_s"] / (2 * one["env_steps_per_s"]), abs=1e-3
+    )
+    projected = remote["projected_env_steps_per_s"]
+    assert 0 < projected["1"] < projected["4"] < remote["learner_bound_env_steps_per_s"]
 
 
 @pytest.mark.slow

@@ -83,16 +83,22 @@ class RolloutWorker:
         self.actor.policy.denoiser.load_state_dict(bytes_to_state(weights))
         use_stream_noise(self.actor, seed, self.env_ids, self.block_rows)
         before = self.collector.env_steps
+        wall, cpu = time.perf_counter(), time.process_time()
         seeds = [seed + e for e in self.env_ids]  # gymnasium's vector reset takes one per env
         ro = collect_rollout(self.collector, self.venv, self.obs_key, n_steps, seeds, scale=False)
-        return encode_slice(ro, self.collector.env_steps - before)
+        blob, scalars = encode_slice(ro, self.collector.env_steps - before)
+        scalars["worker_s"] = time.perf_counter() - wall
+        scalars["worker_cpu_s"] = time.process_time() - cpu
+        return blob, scalars
 
 
 class RayRunner:
     """``cfg.runner.num_workers`` Ray actors sharing ``cfg.task.n_envs`` envs (contiguous slices).
 
     ``timing`` holds the last iteration's ``broadcast_s`` (weights into the object store),
-    ``rollout_s`` (workers, retries included) and ``gather_s`` (decoding and joining slices).
+    ``rollout_s`` (workers, retries included) and ``gather_s`` (decoding and joining slices), and
+    per worker (lists) its ``env_steps``, ``worker_s`` (wall time inside its rollout call) and
+    ``worker_cpu_s`` (that process's CPU time for it).
     """
 
     def __init__(self, cfg: DictConfig, policy: DiffusionPolicy):
@@ -133,6 +139,8 @@ class RayRunner:
         ro = merge_slices(slices, [lo for lo, _ in self.ranges], learner, self.reward_scaling)
         t3 = time.perf_counter()
         self.timing = {"broadcast_s": t1 - t0, "rollout_s": t2 - t1, "gather_s": t3 - t2}
+        for key in ("env_steps", "worker_s", "worker_cpu_s"):
+            self.timing[key] = [scalars[key] for _, scalars in slices]
         return ro
 
     def close(self) -> None:
