@@ -117,15 +117,9 @@ def random_obs(policy: DiffusionPolicy, batch: int, seed: int = 0) -> dict[str, 
     }
 
 
-@torch.no_grad()
-def time_forward(
-    policy: DiffusionPolicy,
-    batch: int,
-    repeats: int,
-    device: str | torch.device = "cpu",
-    clock: str = "wall",
-) -> float:
-    """Median ms of one denoiser call at batch ``batch`` (top timestep; per-action if streaming)."""
+def forward_call(policy: DiffusionPolicy, batch: int, device: str | torch.device = "cpu"):
+    """A zero-argument call of one denoiser pass at batch ``batch`` (top timestep; per-action
+    levels if streaming), as the samplers make it through ``policy.eps``."""
     device = torch.device(device)
     cfg = policy.cfg
     x = torch.randn(batch, cfg.horizon, cfg.action_dim, device=device)
@@ -136,16 +130,20 @@ def time_forward(
         if cfg.policy_type == "streaming"
         else top
     )
-    policy.eps(x, t, cond)
-    now = CLOCKS[clock]
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = now()
+
+    @torch.no_grad()
+    def call():
         policy.eps(x, t, cond)
         _sync(device)
-        times.append((now() - start) * MS_PER_S)
-    return float(np.median(times))
+
+    return call
+
+
+def timed_ms(call, clock: str = "wall") -> float:
+    now = CLOCKS[clock]
+    start = now()
+    call()
+    return (now() - start) * MS_PER_S
 
 
 def time_chunks(
@@ -155,26 +153,33 @@ def time_chunks(
     warmup: int,
     max_seconds: float,
     clock: str = "wall",
-) -> tuple[list[float], list[int]]:
-    """(ms, nfe) of successive ``runtime.act`` calls after ``warmup`` untimed ones.
+    forward=None,
+    forwards_per_chunk: int = 0,
+) -> tuple[list[float], list[int], list[float]]:
+    """(ms, nfe, forward ms) of successive ``runtime.act`` calls after ``warmup`` untimed ones.
 
     The warm-up includes the first (cold) call of warm-started samplers, so the timed calls are
-    their steady state. Stops after ``max_seconds`` once ``MIN_TIMED_CHUNKS`` are timed.
+    their steady state. After each timed chunk, ``forwards_per_chunk`` single ``forward()`` calls
+    are timed too, so that chunks and forwards see the same load on a shared machine. Stops
+    after ``max_seconds`` once ``MIN_TIMED_CHUNKS`` are timed.
     """
     runtime.reset()
     for _ in range(warmup):
         runtime.act(obs)
+    if forward is not None:
+        forward()
     now = CLOCKS[clock]
-    ms, nfe = [], []
+    ms, nfe, forward_ms = [], [], []
     start = time.perf_counter()
     while len(ms) < repeats:
         begin = now()
         res = runtime.act(obs)
         ms.append((now() - begin) * MS_PER_S)
         nfe.append(res.nfe)
+        forward_ms += [timed_ms(forward, clock) for _ in range(forwards_per_chunk)]
         if len(ms) >= MIN_TIMED_CHUNKS and time.perf_counter() - start > max_seconds:
             break
-    return ms, nfe
+    return ms, nfe, forward_ms
 
 
 def cost_row(
@@ -197,15 +202,17 @@ def cost_row(
             sampler, policy, mode="graph" if torch.device(device).type == "cuda" else "eager"
         )
     runtime = PolicyRuntime(policy, sampler, batch, seed=int(cfg["seed"]), device=device)
-    ms, nfe = time_chunks(
+    ms, nfe, forward_ms = time_chunks(
         runtime,
         random_obs(policy, batch, int(cfg["seed"])),
         int(cfg["repeats"]),
         int(cfg["warmup"]),
         float(cfg["max_seconds_per_row"]),
         clock,
+        forward=forward_call(policy, batch, device),
+        forwards_per_chunk=int(cfg["forward_repeats"]),
     )
-    forward = time_forward(policy, batch, int(cfg["forward_repeats"]), device, clock)
+    forward = float(np.median(forward_ms))
     ta = policy.cfg.n_action_steps
     nfe_chunk = float(np.mean(nfe))
     p50 = float(np.percentile(ms, P50))

@@ -14,6 +14,8 @@ from policies.normalizer import ACTION_KEY, Normalizer
 from policies.schedule import NoiseSchedule, ScheduleConfig
 
 POLICY_TYPES = ("diffusion", "streaming")
+TIMESTEP_CACHE_SIZE = 1024
+"""Cached (t, batch, device) timestep tensors kept before the cache starts over."""
 
 
 @dataclass
@@ -81,6 +83,7 @@ class DiffusionPolicy(nn.Module):
             **cfg.denoiser_kwargs,
         )
         self.frozen_denoiser: nn.Module | None = None
+        self._timesteps: dict[tuple, torch.Tensor] = {}
         if cfg.finetuned_below_t is not None:
             self.add_frozen_copy(cfg.finetuned_below_t)
 
@@ -110,10 +113,22 @@ class DiffusionPolicy(nn.Module):
 
     def eps(self, x: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Predicted noise (B, Tp, Da); ``t`` an int (same for all) or (B,) / (B, Tp) levels."""
-        net = self.network_for(int(t) if isinstance(t, int) else int(t.flatten()[0]))
         if isinstance(t, int):
-            t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return net(x, t, cond)
+            return self.network_for(t)(x, self._timestep_tensor(t, x), cond)
+        return self.network_for(int(t.flatten()[0]))(x, t, cond)
+
+    def _timestep_tensor(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """(B,) long tensor filled with t, cached per (t, B, device): samplers ask for the same
+        few every chunk, and at batch 1 on a CPU building one costs a tenth of a small network."""
+        key = (t, x.shape[0], x.device)
+        found = self._timesteps.get(key)
+        if found is None:
+            if len(self._timesteps) >= TIMESTEP_CACHE_SIZE:
+                self._timesteps.clear()
+            found = self._timesteps[key] = torch.full(
+                (x.shape[0],), t, device=x.device, dtype=torch.long
+            )
+        return found
 
     def eps_fn(self, cond: torch.Tensor):
         """Closure for samplers: (x, t, step_index) -> eps."""

@@ -29,49 +29,13 @@ from torch import nn
 
 from policies.chunk_samplers import ChunkSampler
 from policies.diffusion import DiffusionPolicy
-from policies.samplers import ChainResult, DDIMSampler, DDPMSampler, DiffusionSampler, Hook
+from policies.samplers import ChainResult, DiffusionSampler, Hook
 from policies.streaming import StreamingChunkSampler
 
 MODES = ("eager", "graph", "compile")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WARMUP_ITERS = 3
 """Eager runs on a side stream before capture (cuDNN/cuBLAS handles, autotuning)."""
-
-
-class _Step:
-    """Precomputed (0-dim) coefficients of one transition, in the sampler's own formulas."""
-
-    def __init__(self, sampler: DiffusionSampler, i: int):
-        s = sampler.schedule
-        t = sampler.timesteps[i]
-        t_prev = sampler.timesteps[i + 1] if i + 1 < sampler.n_steps else -1
-        a, a_prev = s.alpha_bar(t), s.alpha_bar(t_prev)
-        self.t = t
-        self.sqrt_1ma, self.sqrt_a = (1 - a).sqrt(), a.sqrt()
-        if isinstance(sampler, DDIMSampler):
-            var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-            std = sampler.eta * var.sqrt()
-            self.c_x0 = a_prev.sqrt()
-            self.c_eps = (1 - a_prev - std**2).clamp(min=0).sqrt()
-            self.c_x = None
-        elif isinstance(sampler, DDPMSampler):
-            beta = 1 - a / a_prev
-            self.c_x0 = a_prev.sqrt() * beta / (1 - a)
-            self.c_x = (1 - beta).sqrt() * (1 - a_prev) / (1 - a)
-            self.c_eps = None
-            var = ((1 - a_prev) / (1 - a) * beta).clamp(min=1e-20)
-            std = torch.where(torch.as_tensor(t) > 0, var.sqrt(), torch.zeros_like(var))
-        else:
-            raise TypeError(f"no static chain for sampler {type(sampler).__name__}")
-        self.std = std.clamp(min=sampler.min_std)
-        self.stochastic = bool(self.std > 0)
-
-    def to(self, device) -> _Step:
-        out = copy.copy(self)
-        for k, v in vars(self).items():
-            if isinstance(v, torch.Tensor):
-                setattr(out, k, v.to(device))
-        return out
 
 
 def _cast_network(net: nn.Module, dtype: torch.dtype, memo: dict) -> nn.Module:
@@ -106,13 +70,10 @@ class StaticChain:
         self.sampler = sampler
         self.mode, self.precision = mode, precision
         self.dtype = PRECISIONS[precision]
-        self.steps = [_Step(sampler, i) for i in range(sampler.n_steps)]
         self.networks = [
-            _cast_network(policy.network_for(s.t), self.dtype, memo) for s in self.steps
+            _cast_network(policy.network_for(t), self.dtype, memo) for t in sampler.timesteps
         ]
-        self.clip = policy.schedule.clip_x0
         self.active_mode = "eager"
-        self._device_steps: dict[str, list[_Step]] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._compiled = None
         self._net_device: torch.device | None = None
@@ -122,26 +83,24 @@ class StaticChain:
             raise AttributeError(name)
         return getattr(self.sampler, name)
 
-    def _steps_on(self, device: torch.device) -> list[_Step]:
-        key = str(device)
-        if key not in self._device_steps:
-            self._device_steps[key] = [s.to(device) for s in self.steps]
-        return self._device_steps[key]
-
     def chain(
         self, start: int, x: torch.Tensor, cond: torch.Tensor, noise: Sequence[torch.Tensor]
     ) -> torch.Tensor:
-        """Steps ``start..`` of the chain on x (B, Tp, Da): the clean sample."""
-        steps = self._steps_on(x.device)
+        """Steps ``start..`` of the chain on x (B, Tp, Da): the clean sample.
+
+        The transitions are the sampler's own (``transition`` with its ``step_table``).
+        """
+        steps = self.sampler.step_table(x).steps
         cond_n = cond.to(self.dtype)
         draws = iter(noise)
         for i in range(start, len(steps)):
-            s = steps[i]
-            t = torch.full((x.shape[0],), s.t, dtype=torch.long, device=x.device)
+            c = steps[i]
+            t = torch.full(
+                (x.shape[0],), self.sampler.timesteps[i], dtype=torch.long, device=x.device
+            )
             eps = self.networks[i](x.to(self.dtype), t, cond_n).to(x.dtype)
-            x0 = self.clip((x - s.sqrt_1ma * eps) / s.sqrt_a)
-            mean = s.c_x0 * x0 + (s.c_eps * eps if s.c_x is None else s.c_x * x)
-            x = mean + s.std * next(draws) if s.stochastic else mean
+            mean, _ = self.sampler.transition(c, x, eps)
+            x = mean + c.std * next(draws) if c.stochastic else mean
         return x
 
     def run(
@@ -168,7 +127,8 @@ class StaticChain:
                 obs=obs,
                 record_from=record_from,
             )
-        noise = [self.sampler.draw_noise(x, generator) for s in self.steps[start:] if s.stochastic]
+        steps = self.sampler.step_table(x).steps[start:]
+        noise = [self.sampler.draw_noise(x, generator) for c in steps if c.stochastic]
         with torch.no_grad():
             out = self._execute(start, x, cond, noise)
         return ChainResult(x=out, chain=None, nfe=self.sampler.n_steps - start)
@@ -207,7 +167,7 @@ class StaticChain:
     def _capture(self, start, x, cond, noise):
         static_x, static_cond = x.clone(), cond.clone()
         static_noise = [z.clone() for z in noise]
-        self._steps_on(x.device)
+        self.sampler.step_table(x)  # built (host to device copies) before the capture
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):

@@ -56,6 +56,35 @@ class ChainResult:
     nfe: int
 
 
+@dataclass(frozen=True)
+class StepCoefficients:
+    """The transition out of one step as 0-dim tensors (see ``StepTable``)."""
+
+    sqrt_a: torch.Tensor
+    neg_sqrt_1ma: torch.Tensor
+    c_x0: torch.Tensor
+    c_term: torch.Tensor
+    std: torch.Tensor
+    stochastic: bool
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """Coefficients of every transition of a sampler's step list, each (K,), computed once.
+
+    ``x0 = clip((x - sqrt(1 - abar) * eps) / sqrt_a)``, ``mean = c_x0 * x0 + c_term * term`` where the
+    term is ``eps`` (DDIM) or ``x`` (DDPM), and ``std`` is floored at the sampler's ``min_std``.
+    ``steps[i]`` holds step i's values as 0-dim tensors, so the sampling loop indexes nothing.
+    """
+
+    sqrt_a: torch.Tensor
+    neg_sqrt_1ma: torch.Tensor
+    c_x0: torch.Tensor
+    c_term: torch.Tensor
+    std: torch.Tensor
+    steps: list[StepCoefficients]
+
+
 class DiffusionSampler:
     """A descending list of timesteps and the Gaussian transition between consecutive ones.
 
@@ -65,6 +94,8 @@ class DiffusionSampler:
     """
 
     name = "base"
+    mean_term = "eps"
+    """What ``c_term`` multiplies in the transition mean: "eps" (DDIM) or "x" (DDPM)."""
 
     def __init__(
         self,
@@ -82,7 +113,7 @@ class DiffusionSampler:
         self.timesteps = ts
         self.min_std = float(min_std)
         self.noise_clip = noise_clip
-        self._table: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._table: dict[tuple, Any] = {}
 
     @property
     def n_steps(self) -> int:
@@ -106,18 +137,82 @@ class DiffusionSampler:
             return ts[i], alpha_bars[i], alpha_bars[i + 1]
         shape = (-1,) + (1,) * (like.dim() - 1)
         idx = i.to(ts.device)
-        return ts[idx].reshape(shape), alpha_bars[idx].reshape(shape), alpha_bars[idx + 1].reshape(shape)
+        return (
+            ts[idx].reshape(shape),
+            alpha_bars[idx].reshape(shape),
+            alpha_bars[idx + 1].reshape(shape),
+        )
+
+    def coefficients(
+        self, t: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_x0, c_term, std before the floor) of transitions t -> prev, all (K,) tensors."""
+        raise NotImplementedError
+
+    def step_table(self, like: torch.Tensor) -> StepTable:
+        """This sampler's ``StepTable`` on ``like``'s device and dtype, cached."""
+        key = ("steps", like.device, like.dtype)
+        if key not in self._table:
+            ts, alpha_bars = self._lookup(like)
+            a_t, a_prev = alpha_bars[:-1], alpha_bars[1:]
+            c_x0, c_term, std = self.coefficients(ts[:-1], a_t, a_prev)
+            columns = {
+                "sqrt_a": a_t.sqrt(),
+                "neg_sqrt_1ma": -(1 - a_t).sqrt(),
+                "c_x0": c_x0,
+                "c_term": c_term,
+                "std": std.clamp(min=self.min_std),
+            }
+            steps = [
+                StepCoefficients(
+                    **{k: v[i] for k, v in columns.items()},
+                    stochastic=bool(columns["std"][i] > 0),
+                )
+                for i in range(self.n_steps)
+            ]
+            self._table[key] = StepTable(**columns, steps=steps)
+        return self._table[key]
+
+    def _coefficients_at(self, i: int | torch.Tensor, like: torch.Tensor) -> StepCoefficients:
+        """Step ``i``'s coefficients: 0-dim for an int, (M, 1, ..., 1) for (M,) indices."""
+        table = self.step_table(like)
+        if isinstance(i, int):
+            return table.steps[i]
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        idx = i.to(like.device)
+        return StepCoefficients(
+            sqrt_a=table.sqrt_a[idx].reshape(shape),
+            neg_sqrt_1ma=table.neg_sqrt_1ma[idx].reshape(shape),
+            c_x0=table.c_x0[idx].reshape(shape),
+            c_term=table.c_term[idx].reshape(shape),
+            std=table.std[idx].reshape(shape),
+            stochastic=bool((table.std[idx] > 0).any()),
+        )
+
+    def transition(
+        self, c: StepCoefficients, x: torch.Tensor, eps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, x0) of the Gaussian transition with coefficients ``c`` from x given eps.
+
+        Five tensor ops (the batch-1 CPU cost is per op, not per element): x0 = clip((x +
+        eps * -sqrt(1 - abar)) / sqrt(abar)), mean = c_x0 * x0 + term * c_term.
+        """
+        x0 = self.schedule.clip_x0(torch.addcmul(x, eps, c.neg_sqrt_1ma) / c.sqrt_a)
+        term = x if self.mean_term == "x" else eps
+        return torch.addcmul(c.c_x0 * x0, term, c.c_term), x0
 
     def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
-        _, a, _ = self._alphas(i, x)
-        return self.schedule.clip_x0((x - (1 - a).sqrt() * eps) / a.sqrt())
+        c = self._coefficients_at(i, x)
+        return self.schedule.clip_x0(torch.addcmul(x, eps, c.neg_sqrt_1ma) / c.sqrt_a)
 
     def gaussian(self, x: torch.Tensor, eps: torch.Tensor, i: int | torch.Tensor):
         """(mean, std, x0) of the transition out of step i (int, or (M,) per-sample indices).
 
         std is floored at ``min_std``.
         """
-        raise NotImplementedError
+        c = self._coefficients_at(i, x)
+        mean, x0 = self.transition(c, x, eps)
+        return mean, c.std, x0
 
     def draw_noise(self, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         z = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -148,6 +243,7 @@ class DiffusionSampler:
         if repeats > 1 and record_from is not None:
             raise ValueError("guidance with repeated passes per level cannot record a chain")
         recorded = []
+        steps = self.step_table(x).steps
         for i in range(start, self.n_steps):
             if record_from is not None and i >= record_from:
                 recorded.append(x)
@@ -170,8 +266,9 @@ class DiffusionSampler:
                     for hook in hooks:
                         hook(ctx)
                     x, eps = ctx.x, ctx.eps
-                mean, std, _ = self.gaussian(x, eps, i)
-                x = mean + std * self.draw_noise(x, generator) if bool((std > 0).any()) else mean
+                c = steps[i]
+                mean, _ = self.transition(c, x, eps)
+                x = mean + c.std * self.draw_noise(x, generator) if c.stochastic else mean
         for hook in hooks:
             finalize = getattr(hook, "finalize", None)
             if finalize is not None:
@@ -196,20 +293,17 @@ class DDPMSampler(DiffusionSampler):
     """Ancestral DDPM over every train timestep (diffusers' "fixed_small" variance)."""
 
     name = "ddpm"
+    mean_term = "x"
 
     def __init__(self, schedule: NoiseSchedule, **kw):
         super().__init__(schedule, range(schedule.num_train_steps - 1, -1, -1), **kw)
 
-    def gaussian(self, x, eps, i):
-        t, a_t, a_prev = self._alphas(i, x)
+    def coefficients(self, t, a_t, a_prev):
         beta_t = 1 - a_t / a_prev
-        x0 = self.predict_x0(x, eps, i)
-        mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + (
-            (1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t)
-        ) * x
+        c_x0 = a_prev.sqrt() * beta_t / (1 - a_t)
+        c_x = (1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t)
         var = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
-        std = torch.where(t > 0, var.sqrt(), torch.zeros_like(var)).clamp(min=self.min_std)
-        return mean, std, x0
+        return c_x0, c_x, torch.where(t > 0, var.sqrt(), torch.zeros_like(var))
 
 
 class DDIMSampler(DiffusionSampler):
@@ -230,13 +324,10 @@ class DDIMSampler(DiffusionSampler):
         super().__init__(schedule, timesteps, **kw)
         self.eta = float(eta)
 
-    def gaussian(self, x, eps, i):
-        _, a_t, a_prev = self._alphas(i, x)
-        x0 = self.predict_x0(x, eps, i)
+    def coefficients(self, t, a_t, a_prev):
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         std = self.eta * var.sqrt()
-        mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
-        return mean, std.clamp(min=self.min_std), x0
+        return a_prev.sqrt(), (1 - a_prev - std**2).clamp(min=0).sqrt(), std
 
 
 def ddim_timesteps(num_train_steps: int, n_steps: int) -> list[int]:

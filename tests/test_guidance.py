@@ -195,13 +195,13 @@ def test_hooks_compose_in_order_and_see_each_others_changes():
 
     seen = []
     sampler = build_chunk_sampler("ddim", policy, steps=3)
-    original = sampler.diffusion.gaussian
+    original = sampler.diffusion.transition
 
-    def spy(x, eps, i):
+    def spy(c, x, eps):
         seen.append(eps)
-        return original(x, eps, i)
+        return original(c, x, eps)
 
-    sampler.diffusion.gaussian = spy
+    sampler.diffusion.transition = spy
     PolicyRuntime(policy, sampler, BATCH, hooks=[first, second], seed=0).act(observations())
     assert calls == [(n, i) for i in range(3) for n in ("first", "second")]
     assert len(seen) == 3  # the transition used the eps the hooks left behind

@@ -23,7 +23,7 @@ import torch
 from dppo.actors import DiffusionActor
 from policies.chunk_samplers import ChunkSampler, SamplerState
 from policies.diffusion import DiffusionPolicy
-from policies.samplers import ChainResult, DiffusionSampler, EpsFn, Hook
+from policies.samplers import ChainResult, DiffusionSampler, EpsFn, Hook, StepTable
 
 NOISE_DOMAIN = 0x5EED_D1FF
 """Mixed into every stream seed so sampling noise never equals an env's own seeded randomness."""
@@ -79,9 +79,10 @@ class StreamNoiseSampler(DiffusionSampler):
         )
         self.base = base
         self.name = base.name
+        self.mean_term = base.mean_term
 
-    def gaussian(self, x, eps, i):
-        return self.base.gaussian(x, eps, i)
+    def step_table(self, like: torch.Tensor) -> StepTable:
+        return self.base.step_table(like)
 
     def draw_noise(self, like: torch.Tensor, generator: Any) -> torch.Tensor:
         z = generator.draw(like)
