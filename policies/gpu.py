@@ -1,9 +1,10 @@
 """GPU fast path: the whole reverse chain captured as one CUDA graph, optionally in bf16.
 
 ``accelerate(sampler, policy, mode=, precision=)`` swaps every ``DiffusionSampler`` inside a chunk
-sampler (ddpm, ddim, rti's cold and warm chains, truncated) for a ``StaticChain``: the same
-transitions with their coefficients precomputed per step, so a chain runs without host
-synchronisation and can be captured. Modes:
+sampler (ddpm, ddim, rti's cold and warm chains, truncated) for a ``StaticChain``: the sampler's
+own transitions (``DiffusionSampler.transition`` with its precomputed ``step_table``) with the
+noise drawn up front, so a chain runs without host synchronisation and can be captured. On a CPU
+the sampler's own loop is already as cheap (same table, same five ops per step). Modes:
 
 - ``graph``: ``torch.cuda.CUDAGraph`` capture of the whole chain, one graph per (start step,
   batch shape), replayed with the inputs copied into static buffers;
