@@ -21,6 +21,7 @@ class Normalizer(nn.Module):
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         super().__init__()
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self._affines: dict[tuple, tuple] = {}
         for k, shape in self.shapes.items():
             self.register_buffer(f"{k}__lo", -torch.ones(shape))
             self.register_buffer(f"{k}__hi", torch.ones(shape))
@@ -37,18 +38,30 @@ class Normalizer(nn.Module):
             getattr(self, f"{k}__hi").copy_(torch.where(const, lo + 1.0, hi))
         return self
 
-    def _range(self, key: str, like: torch.Tensor):
-        lo = getattr(self, f"{key}__lo").to(like)
-        hi = getattr(self, f"{key}__hi").to(like)
-        return lo, hi
+    def _affine(self, key: str, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(scale, offset, inverse scale, inverse offset) of ``key`` on ``like``'s device/dtype.
+
+        Cached until the statistics change (``fit``, ``load_state_dict`` and ``.to`` all bump the
+        buffers' version or replace them), so each map is one fused op per call.
+        """
+        lo, hi = getattr(self, f"{key}__lo"), getattr(self, f"{key}__hi")
+        stamp = (id(lo), lo._version, id(hi), hi._version)
+        cache_key = (key, like.device, like.dtype)
+        found = self._affines.get(cache_key)
+        if found is None or found[0] != stamp:
+            lo, hi = lo.to(like), hi.to(like)
+            scale = 2 / (hi - lo)
+            found = (stamp, (scale, -lo * scale - 1, (hi - lo) / 2, (hi + lo) / 2))
+            self._affines[cache_key] = found
+        return found[1]
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        lo, hi = self._range(key, x)
-        return 2 * (x - lo) / (hi - lo) - 1
+        scale, offset, _, _ = self._affine(key, x)
+        return torch.addcmul(offset, x, scale)
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        lo, hi = self._range(key, x)
-        return (x + 1) / 2 * (hi - lo) + lo
+        _, _, inv_scale, inv_offset = self._affine(key, x)
+        return torch.addcmul(inv_offset, x, inv_scale)
 
     def normalize_obs(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: self.normalize(k, v) for k, v in obs.items()}

@@ -192,14 +192,8 @@ class DiffusionSampler:
     def transition(
         self, c: StepCoefficients, x: torch.Tensor, eps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, x0) of the Gaussian transition with coefficients ``c`` from x given eps.
-
-        Five tensor ops (the batch-1 CPU cost is per op, not per element): x0 = clip((x +
-        eps * -sqrt(1 - abar)) / sqrt(abar)), mean = c_x0 * x0 + term * c_term.
-        """
-        x0 = self.schedule.clip_x0(torch.addcmul(x, eps, c.neg_sqrt_1ma) / c.sqrt_a)
-        term = x if self.mean_term == "x" else eps
-        return torch.addcmul(c.c_x0 * x0, term, c.c_term), x0
+        """(mean, x0) of the Gaussian transition with coefficients ``c`` from x given eps."""
+        return gaussian_transition(self.schedule, c, x, eps, x if self.mean_term == "x" else eps)
 
     def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
         c = self._coefficients_at(i, x)
@@ -325,9 +319,33 @@ class DDIMSampler(DiffusionSampler):
         self.eta = float(eta)
 
     def coefficients(self, t, a_t, a_prev):
-        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        std = self.eta * var.sqrt()
-        return a_prev.sqrt(), (1 - a_prev - std**2).clamp(min=0).sqrt(), std
+        return ddim_coefficients(a_t, a_prev, self.eta)
+
+
+def gaussian_transition(
+    schedule: NoiseSchedule,
+    c: StepCoefficients,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    term: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, x0) of one transition: x0 = clip((x - sqrt(1 - abar) eps) / sqrt(abar)) and
+    mean = c_x0 x0 + c_term term, with ``term`` eps (DDIM) or x (DDPM).
+
+    Five tensor ops: at batch 1 on a CPU the cost is per op, not per element. ``c``'s tensors
+    are 0-dim, or broadcast against x (per-sample or per-action coefficients).
+    """
+    x0 = schedule.clip_x0(torch.addcmul(x, eps, c.neg_sqrt_1ma) / c.sqrt_a)
+    return torch.addcmul(c.c_x0 * x0, term, c.c_term), x0
+
+
+def ddim_coefficients(
+    a_t: torch.Tensor, a_prev: torch.Tensor, eta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_x0, c_eps, std) of DDIM steps from alpha-bar ``a_t`` to ``a_prev`` with ``eta``."""
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * var.sqrt()
+    return a_prev.sqrt(), (1 - a_prev - std**2).clamp(min=0).sqrt(), std
 
 
 def ddim_timesteps(num_train_steps: int, n_steps: int) -> list[int]:

@@ -42,7 +42,14 @@ from policies.chunk_ops import rows
 from policies.chunk_samplers import CHUNK_SAMPLERS, ChunkSampler, SamplerState
 from policies.diffusion import DiffusionPolicy
 from policies.normalizer import ACTION_KEY
-from policies.samplers import ChainResult, DDIMSampler, Hook
+from policies.samplers import (
+    ChainResult,
+    DDIMSampler,
+    Hook,
+    StepCoefficients,
+    ddim_coefficients,
+    gaussian_transition,
+)
 from policies.schedule import NoiseSchedule
 
 P_CONSTANT = 0.2
@@ -142,6 +149,19 @@ def level_alphas(schedule: NoiseSchedule, t: torch.Tensor):
     return a, a_prev
 
 
+def level_coefficients(a: torch.Tensor, a_prev: torch.Tensor, eta: float) -> StepCoefficients:
+    """Per-action DDIM coefficients from alpha-bar ``a`` to ``a_prev`` (``level_alphas``)."""
+    c_x0, c_eps, std = ddim_coefficients(a, a_prev, eta)
+    return StepCoefficients(
+        sqrt_a=a.sqrt(),
+        neg_sqrt_1ma=-(1 - a).sqrt(),
+        c_x0=c_x0,
+        c_term=c_eps,
+        std=std,
+        stochastic=eta > 0,
+    )
+
+
 def level_transition(
     schedule: NoiseSchedule,
     x: torch.Tensor,
@@ -155,10 +175,9 @@ def level_transition(
     x, eps, mean, x0: (B, Tp, Da); a, a_prev, std: (B or 1, Tp, 1); std is zero where a_prev = 1
     (the step to clean).
     """
-    x0 = schedule.clip_x0((x - (1 - a).sqrt() * eps) / a.sqrt())
-    std = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
-    return mean, std, x0
+    c = level_coefficients(a, a_prev, eta)
+    mean, x0 = gaussian_transition(schedule, c, x, eps, eps)
+    return mean, c.std, x0
 
 
 class StreamingChunkSampler(ChunkSampler):
@@ -202,14 +221,16 @@ class StreamingChunkSampler(ChunkSampler):
 
     def steps_on(self, device) -> list:
         """Per network call c of a steady-state call: (timesteps (Tp,) = pattern - 1 - c,
-        alpha-bar (Tp, 1), alpha-bar of the next level (Tp, 1)) on ``device``."""
+        alpha-bar (Tp, 1), alpha-bar of the next level (Tp, 1), their ``level_coefficients``)
+        on ``device``, computed once."""
         key = str(device)
         if key not in self._steps:
             pattern = self.layout.pattern(device)
-            self._steps[key] = [
-                (pattern - 1 - c, *level_alphas(self.schedule, pattern - 1 - c))
-                for c in range(self.layout.levels_per_call)
-            ]
+            self._steps[key] = []
+            for c in range(self.layout.levels_per_call):
+                a, a_prev = level_alphas(self.schedule, pattern - 1 - c)
+                coefficients = level_coefficients(a, a_prev, self.eta)
+                self._steps[key].append((pattern - 1 - c, a, a_prev, coefficients))
         return self._steps[key]
 
     def init_state(self, policy: DiffusionPolicy, batch: int, device) -> SamplerState:
@@ -302,10 +323,10 @@ class StreamingChunkSampler(ChunkSampler):
             )
         x = buffer
         m = x.shape[0]
-        for t, a, a_prev in self.steps_on(x.device):
+        for t, _, _, c in self.steps_on(x.device):
             eps = policy.eps(x, t.expand(m, -1), cond)
-            mean, std, x0 = level_transition(self.schedule, x, eps, a, a_prev, self.eta)
-            x = mean + std * self.diffusion.draw_noise(x, generator) if self.eta > 0 else mean
+            mean, x0 = gaussian_transition(self.schedule, c, x, eps, eps)
+            x = mean + c.std * self.diffusion.draw_noise(x, generator) if c.stochastic else mean
         clean = (pattern == self.layout.levels_per_call)[:, None]
         return torch.where(clean, x, x0), x
 

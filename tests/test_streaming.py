@@ -63,7 +63,7 @@ def test_executed_actions_are_noise_free():
     executed = slice(0, layout.n_obs_steps - 1 + layout.n_action_steps)
     steps = sampler.steps_on("cpu")
     assert len(steps) == layout.levels_per_call
-    last_t, last_a, last_a_prev = steps[-1]
+    last_t, last_a, last_a_prev, _ = steps[-1]
     assert bool((last_t[executed] == 0).all()) and bool((last_t[executed.stop :] > 0).all())
     assert bool((last_a_prev[executed] == 1).all())
     # eta=1: the step into level 0 adds no noise, so the executed slice is the x0 prediction
