@@ -29,12 +29,4 @@ EVAL_EPISODES=${EVAL_EPISODES:-100}
 dppo finetune-offline task=lift checkpoint=$OUT/pretrain world_model=$OUT/world_model \
   out=$OUT/finetune seed=$SEED algorithm.iterations=$ITERATIONS eval_every=10 eval_episodes=50
 dppo eval checkpoint=$OUT/finetune n_episodes=$EVAL_EPISODES out=$OUT/eval-finetuned
-python - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-pre = json.load(open(f"{out}/eval-pretrained/eval.json"))["success_rate"]
-ft = json.load(open(f"{out}/eval-finetuned/eval.json"))["success_rate"]
-s = json.load(open(f"{out}/finetune/summary.json"))
-print(f"pre-trained {pre:.3f} -> offline fine-tuned {ft:.3f} ({100 * (ft - pre):+.1f} points), "
-      f"online_env_steps={s['online_env_steps']}, play steps={s['play_data']['steps']}")
-PY
+python "$(dirname "$0")/offline_summary.py" "$OUT"

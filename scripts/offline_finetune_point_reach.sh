@@ -20,12 +20,4 @@ dppo finetune-offline task=point_reach checkpoint=$OUT/pretrain world_model=$OUT
   out=$OUT/finetune seed=$SEED algorithm.iterations=30 eval_every=5 eval_episodes=100
 dppo eval checkpoint=$OUT/pretrain n_episodes=200 out=$OUT/eval-pretrained
 dppo eval checkpoint=$OUT/finetune n_episodes=200 out=$OUT/eval-finetuned
-python - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-pre = json.load(open(f"{out}/eval-pretrained/eval.json"))["success_rate"]
-ft = json.load(open(f"{out}/eval-finetuned/eval.json"))["success_rate"]
-s = json.load(open(f"{out}/finetune/summary.json"))
-print(f"pre-trained {pre:.3f} -> offline fine-tuned {ft:.3f} ({100 * (ft - pre):+.1f} points), "
-      f"online_env_steps={s['online_env_steps']}, play steps={s['play_data']['steps']}")
-PY
+python "$(dirname "$0")/offline_summary.py" "$OUT"
