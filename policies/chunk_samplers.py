@@ -32,6 +32,9 @@ class ChunkSampler:
     stochastic_state = False
     policy_types: tuple[str, ...] = ("diffusion",)
     """Policy types (PolicyConfig.policy_type) the sampler can run."""
+    eager_parts: tuple[str, ...] = ()
+    """Attributes holding a ``DiffusionSampler`` that is never ``run`` as a chain (e.g. a one-call
+    probe): ``policies.gpu.accelerate`` leaves them as they are."""
 
     def __init__(self, diffusion: DiffusionSampler):
         self.diffusion = diffusion

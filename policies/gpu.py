@@ -196,6 +196,8 @@ def accelerate(
         )
     memo = {} if memo is None else memo
     for name, value in list(vars(sampler).items()):
+        if name in sampler.eager_parts:
+            continue
         if isinstance(value, DiffusionSampler):
             if id(value) not in memo:
                 memo[id(value)] = StaticChain(value, policy, mode, precision, memo)

@@ -157,6 +157,7 @@ class TruncatedChunkSampler(ChunkSampler):
     """Anchored diffusion: nearest anchor, noised to ``start_step``, ``n_steps`` DDIM steps."""
 
     name = "truncated"
+    eager_parts = ("probe",)
 
     def __init__(
         self,
@@ -190,6 +191,7 @@ class TruncatedChunkSampler(ChunkSampler):
         self.anchors = found
         self.selection = selection
         self.probe = DDIMSampler(policy.schedule, timesteps=[n_train - 1])
+        """One network call at the top level whose x0 picks the anchor (no chain is run)."""
 
     @property
     def start_timestep(self) -> int:

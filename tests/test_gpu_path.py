@@ -58,6 +58,8 @@ def test_cpu_fallback_reproduces_the_sampler(name, options, mode):
         assert a.nfe == b.nfe
     chains = [v for v in vars(fast).values() if isinstance(v, StaticChain)]
     assert chains and all(c.active_mode == "eager" for c in chains)
+    # a one-call probe (truncated's anchor choice) runs no chain: it stays a plain sampler
+    assert not any(isinstance(getattr(fast, part), StaticChain) for part in fast.eager_parts)
 
 
 def test_bf16_runs_on_a_copy_and_stays_close():
