@@ -72,8 +72,9 @@ class StepCoefficients:
 class StepTable:
     """Coefficients of every transition of a sampler's step list, each (K,), computed once.
 
-    ``x0 = clip((x - sqrt(1 - abar) * eps) / sqrt_a)``, ``mean = c_x0 * x0 + c_term * term`` where the
-    term is ``eps`` (DDIM) or ``x`` (DDPM), and ``std`` is floored at the sampler's ``min_std``.
+    ``x0 = clip((x + neg_sqrt_1ma * eps) / sqrt_a)``, ``mean = c_x0 * x0 + c_term * term`` where
+    the term is ``eps`` (DDIM) or ``x`` (DDPM), and ``std`` is floored at the sampler's
+    ``min_std`` (see ``gaussian_transition``).
     ``steps[i]`` holds step i's values as 0-dim tensors, so the sampling loop indexes nothing.
     """
 
