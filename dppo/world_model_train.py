@@ -155,6 +155,54 @@ def filtered_features(
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def open_loop_windows(
+    data: EpisodeSet, horizon: int, starts_per_episode: int, generator: torch.Generator
+) -> tuple[torch.Tensor, ...]:
+    """Start points for ``horizon``-step imagination in the episodes of ``data`` that are long
+    enough: every episode's first step plus ``starts_per_episode - 1`` random later ones.
+
+    Returns episode (R,), start step (R,), the imagined steps' indices (R, H), the start
+    observations (R, D) and the real actions taken from there (R, H, Da).
+    """
+    ep, start = [], []
+    for i, n in enumerate(data.lengths):
+        latest = int(n) - 1 - horizon
+        if latest < 0:
+            continue
+        extra = torch.randint(0, latest + 1, (starts_per_episode - 1,), generator=generator)
+        ep += [i] * starts_per_episode
+        start += [0, *extra.tolist()]
+    ep_t, start_t = torch.as_tensor(ep, dtype=torch.long), torch.as_tensor(start, dtype=torch.long)
+    t = start_t[:, None] + torch.arange(1, horizon + 1)
+    return ep_t, start_t, t, data.obs[ep_t, start_t], data.action[ep_t[:, None], t - 1]
+
+
+@torch.no_grad()
+def imagined_features(
+    model: WorldModel,
+    data: EpisodeSet,
+    horizon: int,
+    starts_per_episode: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (M, F) of states imagined open-loop (prior samples) under the real actions of
+    ``data``, each with the real label of its step (M,).
+
+    Imagination drifts away from the filtered latents; a classifier that never saw drifted
+    latents calls some of them successes, and DPPO in imagination learns to drift there.
+    """
+    ep_t, _, t, first, actions = open_loop_windows(data, horizon, starts_per_episode, generator)
+    if len(ep_t) == 0:
+        return torch.zeros(0, model.cfg.feature_dim), torch.zeros(0, dtype=torch.bool)
+    feats = []
+    for s in range(0, len(ep_t), EPISODE_CHUNK):
+        _, f = model.open_loop(
+            first[s : s + EPISODE_CHUNK], actions[s : s + EPISODE_CHUNK], generator
+        )
+        feats.append(f.flatten(0, 1))
+    return torch.cat(feats), data.labels[ep_t[:, None], t].flatten()
+
+
 @torch.no_grad()
 def open_loop_eval(
     model: WorldModel,
@@ -175,18 +223,10 @@ def open_loop_eval(
     episode starts, "some imagined step is a success" (what ends an imagined episode) against
     the real episode.
     """
-    ep, start = [], []
-    for i, n in enumerate(data.lengths):
-        latest = int(n) - 1 - horizon
-        if latest < 0:
-            continue
-        extra = torch.randint(0, latest + 1, (starts_per_episode - 1,), generator=generator)
-        ep += [i] * starts_per_episode
-        start += [0, *extra.tolist()]
-    ep_t, start_t = torch.as_tensor(ep), torch.as_tensor(start)
-    t = start_t[:, None] + torch.arange(1, horizon + 1)
-    first = data.obs[ep_t, start_t]
-    truth, actions = data.obs[ep_t[:, None], t], data.action[ep_t[:, None], t - 1]
+    ep_t, start_t, t, first, actions = open_loop_windows(
+        data, horizon, starts_per_episode, generator
+    )
+    truth = data.obs[ep_t[:, None], t]
     pred, feats = model.open_loop(first, actions, generator, sample)
     norm = model.normalizer.normalize
 
@@ -196,12 +236,12 @@ def open_loop_eval(
 
     model_err = mse(pred)
     copy_err = mse(first[:, None].expand_as(truth))
-    hits = classifier.predict(feats.flatten(0, 1)).view(len(ep), horizon).numpy()
+    hits = classifier.predict(feats.flatten(0, 1)).view(len(ep_t), horizon).numpy()
     labels = data.labels[ep_t[:, None], t].numpy()
     from_start = (start_t == 0).numpy()
     return {
         "horizon": horizon,
-        "n_rollouts": len(ep),
+        "n_rollouts": len(ep_t),
         "model_mse": float(model_err.mean()),
         "copy_last_mse": float(copy_err.mean()),
         "model_mse_final_step": float(model_err[-1]),
@@ -228,6 +268,11 @@ def validate(cfg: DictConfig) -> None:
         c.steps > 0 and c.batch_size > 0, "classifier.steps and classifier.batch_size must be > 0"
     )
     require(cfg.eval.starts_per_episode >= 1, "eval.starts_per_episode must be >= 1")
+    require(c.imagined_starts >= 0, "classifier.imagined_starts must be >= 0")
+    require(
+        c.imagined_horizon is None or c.imagined_horizon > 0,
+        "classifier.imagined_horizon must be > 0 (or null for the task's limit)",
+    )
     require(Path(cfg.dataset).exists(), f"dataset {cfg.dataset} not found")
 
 
@@ -396,6 +441,18 @@ def train_world_model(cfg: DictConfig) -> dict[str, Any]:
     feats = filtered_features(model, train_set, gen)
     features = torch.cat([feats["posterior"], feats["prior_mean"], feats["prior_sample"]])
     train_labels = feats["labels"].repeat(3)
+    n_imagined = 0
+    if c.imagined_starts > 0:  # and drifted, open-loop imagined latents with their real labels
+        horizon = min(
+            c.imagined_horizon or get_task(task).max_episode_steps,
+            int(train_set.lengths.max()) - 1,
+        )
+        imagined, imagined_labels = imagined_features(
+            model, train_set, horizon, c.imagined_starts, gen
+        )
+        features = torch.cat([features, imagined])
+        train_labels = torch.cat([train_labels, imagined_labels])
+        n_imagined = len(imagined)
     require(
         bool(train_labels.any()),
         "the training play episodes contain no success state: the classifier cannot learn "
@@ -472,6 +529,10 @@ def train_world_model(cfg: DictConfig) -> dict[str, Any]:
             "final_loss": record.get("loss"),
             "val_loss": record.get("val_loss"),
             "val_recon": record.get("val_recon"),
+            "classifier_train_features": {
+                "filtered": len(train_labels) - n_imagined,
+                "imagined": n_imagined,
+            },
             "classifier_held_out": held_out,
             "open_loop": open_loop,
         }

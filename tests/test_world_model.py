@@ -234,6 +234,40 @@ def test_world_model_training_lowers_the_loss_and_reports(wm_run):
     assert not (wm_run / "INCOMPLETE").exists()
 
 
+def test_imagined_features_are_open_loop_latents_with_the_real_labels(wm_run, play_data):
+    from dppo.world_model_train import (
+        EpisodeSet,
+        imagined_features,
+        open_loop_windows,
+        state_success_labels,
+    )
+
+    model = load_world_model(wm_run).model
+    dataset = DemoDataset(play_data)
+    labels, _ = state_success_labels(dataset, None, "state")
+    data = EpisodeSet(dataset, "state", labels, np.arange(dataset.n_episodes))
+    feats, got = imagined_features(model, data, 10, 2, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    ep, start, t, first, actions = open_loop_windows(data, 10, 2, gen)
+    _, expected = model.open_loop(first, actions, gen)
+    assert len(ep) == 2 * dataset.n_episodes and bool((start[::2] == 0).all())
+    assert torch.equal(feats, expected.flatten(0, 1))
+    assert torch.equal(got, data.labels[ep[:, None], t].flatten())
+    assert bool(got.any()) and not bool(got.all())
+
+
+def test_classifier_can_also_train_on_imagined_latents(play_data, tmp_path):
+    overrides = [f"dataset={play_data}", f"out={tmp_path / 'wm'}", *TINY_WM]
+    overrides += ["classifier.imagined_starts=2", "classifier.imagined_horizon=15"]
+    s = train_world_model(load_config("train-world-model", overrides))
+    counts = s["classifier_train_features"]
+    assert counts["imagined"] == 2 * 15 * s["n_train_episodes"] and counts["filtered"] > 0
+    with pytest.raises(ConfigError, match="classifier.imagined_starts must be >= 0"):
+        train_world_model(
+            load_config("train-world-model", [*overrides, "classifier.imagined_starts=-1"])
+        )
+
+
 def test_classifier_separates_a_toy_set():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 8, generator=gen)
