@@ -69,6 +69,9 @@ def check_compatible(cfg: DictConfig) -> None:
         im.max_episode_steps is None or im.max_episode_steps > 0,
         "imagination.max_episode_steps must be > 0 (or null for the task's limit)",
     )
+    require(
+        im.success_steps >= 1, f"imagination.success_steps must be >= 1, got {im.success_steps}"
+    )
 
 
 def make_imagined_venv(cfg: DictConfig):
@@ -86,6 +89,7 @@ def make_imagined_venv(cfg: DictConfig):
         success_threshold=im.success_threshold,
         success_reward=im.success_reward,
         sample_latent=im.sample_latent,
+        success_steps=im.success_steps,
     )
 
 

@@ -168,6 +168,16 @@ def test_imagined_vec_env_meets_the_same_contract(wm_run):
     _, reward, terminated, truncated, info = venv.step(np.zeros((3, 4, 2), np.float32))
     assert terminated.all() and not truncated.any() and np.all(reward == 1.0)
     assert np.all(info["final_info"]["n_executed"] == 1)
+    # ... unless success must hold for 6 imagined steps in a row: the 2nd chunk's 2nd step
+    venv = make_imagined_vec_env(
+        bundle, "point_reach", 3, 1, 4, success_threshold=1e-9, success_steps=6, seed=0
+    )
+    venv.reset(seed=1)
+    _, reward, terminated, _, _ = venv.step(np.zeros((3, 4, 2), np.float32))
+    assert not terminated.any() and np.all(reward == 0.0)
+    _, reward, terminated, _, info = venv.step(np.zeros((3, 4, 2), np.float32))
+    assert terminated.all() and np.all(reward == 1.0)
+    assert np.all(info["final_info"]["n_executed"] == 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +383,23 @@ def test_world_model_of_another_task_is_rejected(pretrained_run, wm_run, tmp_pat
         finetune_offline(cfg)
     cfg = load_config("finetune-offline", [*base, f"world_model={pretrained_run}"])
     with pytest.raises(ConfigError, match="policy checkpoint, not a world model"):
+        finetune_offline(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("imagination.success_steps=0", "imagination.success_steps must be >= 1"),
+        ("imagination.max_episode_steps=0", "imagination.max_episode_steps must be > 0"),
+        ("imagination.start_states=nowhere", "imagination.start_states must be one of"),
+    ],
+)
+def test_bad_imagination_settings_fail_before_training(pretrained_run, wm_run, override, message):
+    cfg = load_config(
+        "finetune-offline",
+        [f"checkpoint={pretrained_run}", f"world_model={wm_run}", *SMALL_DPPO, override],
+    )
+    with pytest.raises(ConfigError, match=message):
         finetune_offline(cfg)
 
 

@@ -13,8 +13,11 @@ autoreset (``info["final_obs"]``, ``info["final_info"]``) and ``is_success`` / `
 - Transitions: the RSSM prior, one control step per executed action (actions are clipped to the
   action space first, as the real envs do).
 - Reward and termination: the success classifier on the imagined latent. A step whose success
-  probability exceeds the threshold earns ``success_reward`` and ends the episode
-  (``terminated``); otherwise the reward is 0. ``max_episode_steps`` control steps -> truncated.
+  probability exceeds the threshold, for the ``success_steps``-th imagined step in a row, earns
+  ``success_reward`` and ends the episode (``terminated``); otherwise the reward is 0.
+  (A classifier with a small false-positive rate per step fires somewhere in most long imagined
+  episodes; real successes persist, spurious hits rarely do.) ``max_episode_steps`` control
+  steps -> truncated.
 - A non-finite decoded observation is a "simulator fault", handled as ``ChunkWrapper`` does.
 """
 
@@ -99,12 +102,14 @@ class ImaginedVecEnv(VectorEnv):
         sample_latent: bool = True,
         seed: int | None = None,
         on_close: Callable[[], None] | None = None,
+        success_steps: int = 1,
     ):
         if bundle.classifier is None:
             raise ValueError("the imagined env needs a world model with a success classifier")
-        if num_envs < 1 or max_episode_steps < 1:
+        if num_envs < 1 or max_episode_steps < 1 or success_steps < 1:
             raise ValueError(
-                f"need num_envs >= 1 and max_episode_steps >= 1, got {num_envs}, {max_episode_steps}"
+                f"need num_envs >= 1, max_episode_steps >= 1 and success_steps >= 1, got "
+                f"{num_envs}, {max_episode_steps}, {success_steps}"
             )
         self.model, self.classifier = bundle.model.eval(), bundle.classifier.eval()
         cfg = self.model.cfg
@@ -126,6 +131,7 @@ class ImaginedVecEnv(VectorEnv):
             self.classifier.cfg.threshold if success_threshold is None else float(success_threshold)
         )
         self.success_reward = float(success_reward)
+        self.success_steps = int(success_steps)
         self.sample_latent = sample_latent
         self._start_sampler = start_sampler
         self._on_close = on_close
@@ -137,6 +143,7 @@ class ImaginedVecEnv(VectorEnv):
         self._first = torch.zeros(num_envs, obs_dim)
         self._history = np.zeros((num_envs, n_obs_steps, obs_dim), np.float32)
         self._elapsed = np.zeros(num_envs, dtype=np.int64)
+        self._streak = np.zeros(num_envs, dtype=np.int64)  # consecutive classifier hits
 
     # -- episodes -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -151,6 +158,7 @@ class ImaginedVecEnv(VectorEnv):
         self._first[rows] = first
         self._history[idx] = first.numpy()[:, None]
         self._elapsed[idx] = 0
+        self._streak[idx] = 0
 
     def _reset_info(self) -> dict[str, np.ndarray]:
         n = self.num_envs
@@ -191,10 +199,12 @@ class ImaginedVecEnv(VectorEnv):
         for k in range(self.n_action_steps):
             nxt = self.model.imagine_step(self._state, chunks[:, k], self._gen, self.sample_latent)
             obs = self.model.decode_obs(nxt, self._first).numpy()
-            hit = (self.classifier.prob(nxt.feature()) > self.threshold).numpy()
+            above = (self.classifier.prob(nxt.feature()) > self.threshold).numpy()
             finite = np.isfinite(obs).all(axis=1)
             faulty = active & ~finite
             ok = active & finite
+            self._streak = np.where(ok, np.where(above, self._streak + 1, 0), self._streak)
+            hit = self._streak >= self.success_steps
             fault |= faulty
             truncated |= faulty
             n_executed += active
