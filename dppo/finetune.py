@@ -507,6 +507,8 @@ def finetune(
             "success_rate": float(np.mean(ro.episode_successes)) if ro.episode_successes else None,
             "episode_return": float(np.mean(ro.episode_returns)) if ro.episode_returns else None,
             "n_episodes": len(ro.episode_returns),
+            # unbiased where episodes outlast a rollout (success_rate counts finished ones only)
+            "successes_per_env": sum(ro.episode_successes) / ro.arrays("raw_rewards").shape[1],
             "sim_faults": ro.sim_faults,
             "reward_mean": float(ro.arrays("raw_rewards").mean()),
             "time_rollout": t1 - t0,

@@ -105,7 +105,8 @@ def plot_imagination_vs_reality(path: Path, metrics: list[dict[str, Any]], task:
         return list(zip(*pts, strict=True)) if pts else ([], [])
 
     fig, (ax_s, ax_r) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_s.plot(*series("success_rate"), label="imagined (world model)")
+    ax_s.plot(*series("success_rate"), label="imagined, of finished episodes")
+    ax_s.plot(*series("successes_per_env"), label="imagined successes per env and rollout")
     ax_s.plot(*series("eval/success_rate"), marker="o", label="real simulator")
     ax_s.set_ylim(-0.02, 1.02)
     ax_s.set_ylabel("success rate")
@@ -147,6 +148,9 @@ def finetune_offline(cfg: DictConfig) -> dict[str, Any]:
             "steps": wm_meta.get("play_steps"),
         },
         "imagined_success_rate": imagined[-1]["success_rate"] if imagined else None,
+        "imagined_successes_per_env": next(
+            (r["successes_per_env"] for r in reversed(metrics) if "successes_per_env" in r), None
+        ),
         "real_eval_episodes": cfg.eval_episodes,
         "real_success_per_eval": {
             r["iteration"]: r["eval/success_rate"] for r in metrics if "eval/success_rate" in r

@@ -371,6 +371,11 @@ def test_offline_finetuning_takes_no_real_env_step(pretrained_run, wm_run, tmp_p
     assert (out / "checkpoints" / "latest" / "model.safetensors").exists()
     record = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["iteration"] == 1 and "approx_kl" in record
+    # successes per env count every env, finished episodes or not (4 envs here)
+    successes = round(record["successes_per_env"] * 4)
+    assert successes == pytest.approx(record["successes_per_env"] * 4)
+    assert 0 <= successes <= record["n_episodes"]
+    assert s["imagined_successes_per_env"] == record["successes_per_env"]
 
 
 def test_world_model_of_another_task_is_rejected(pretrained_run, wm_run, tmp_path):
