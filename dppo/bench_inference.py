@@ -543,16 +543,14 @@ def _time_forward_dtype(
     x = torch.randn(1, cfg.horizon, cfg.action_dim, device=device, dtype=dtype)
     cond = torch.randn(1, cfg.cond_dim, device=device, dtype=dtype)
     t = torch.full((1,), 50, device=device, dtype=torch.long)
+
+    def call():
+        denoiser(x, t, cond)
+        _sync(device)
+
     for _ in range(3):
-        denoiser(x, t, cond)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        denoiser(x, t, cond)
-        _sync(device)
-        times.append((time.perf_counter() - start) * MS_PER_S)
-    return float(np.median(times))
+        call()
+    return float(np.median([timed_ms(call) for _ in range(repeats)]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -501,6 +501,7 @@ def finetune(
             learner.actor_sched.step()
         learner.critic_sched.step()
         learner.iteration = itr + 1
+        raw_rewards = ro.arrays("raw_rewards")  # (T, E)
         record = {
             "iteration": learner.iteration,
             "env_steps": learner.env_steps,
@@ -508,9 +509,9 @@ def finetune(
             "episode_return": float(np.mean(ro.episode_returns)) if ro.episode_returns else None,
             "n_episodes": len(ro.episode_returns),
             # unbiased where episodes outlast a rollout (success_rate counts finished ones only)
-            "successes_per_env": sum(ro.episode_successes) / ro.arrays("raw_rewards").shape[1],
+            "successes_per_env": sum(ro.episode_successes) / raw_rewards.shape[1],
             "sim_faults": ro.sim_faults,
-            "reward_mean": float(ro.arrays("raw_rewards").mean()),
+            "reward_mean": float(raw_rewards.mean()),
             "time_rollout": t1 - t0,
             **times,
             **stats,

@@ -155,6 +155,12 @@ def filtered_features(
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def imagination_horizon(requested: int | None, task: str, data: EpisodeSet) -> int:
+    """Open-loop steps: ``requested`` (None: the task's episode length), at most what the
+    longest episode of ``data`` allows after its first step."""
+    return min(requested or get_task(task).max_episode_steps, int(data.lengths.max()) - 1)
+
+
 def open_loop_windows(
     data: EpisodeSet, horizon: int, starts_per_episode: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, ...]:
@@ -443,10 +449,7 @@ def train_world_model(cfg: DictConfig) -> dict[str, Any]:
     train_labels = feats["labels"].repeat(3)
     n_imagined = 0
     if c.imagined_starts > 0:  # and drifted, open-loop imagined latents with their real labels
-        horizon = min(
-            c.imagined_horizon or get_task(task).max_episode_steps,
-            int(train_set.lengths.max()) - 1,
-        )
+        horizon = imagination_horizon(c.imagined_horizon, task, train_set)
         imagined, imagined_labels = imagined_features(
             model, train_set, horizon, c.imagined_starts, gen
         )
@@ -480,9 +483,7 @@ def train_world_model(cfg: DictConfig) -> dict[str, Any]:
     held_out = precision_recall(
         classifier.predict(val_feats["posterior"]).numpy(), val_feats["labels"].numpy()
     )
-    horizon = min(
-        cfg.eval.horizon or get_task(task).max_episode_steps, int(val_set.lengths.max()) - 1
-    )
+    horizon = imagination_horizon(cfg.eval.horizon, task, val_set)
     open_loop = open_loop_eval(
         model,
         classifier,

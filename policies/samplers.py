@@ -128,21 +128,10 @@ class DiffusionSampler:
             self._table[key] = (ts.to(like.device), self.schedule.alpha_bar(ts).to(like))
         return self._table[key]
 
-    def _alphas(self, i: int | torch.Tensor, like: torch.Tensor):
-        """(t, alpha-bar_t, alpha-bar_prev) for step index ``i``: an int, or (M,) per sample.
-
-        Per-sample values are shaped (M, 1, ..., 1) to broadcast against ``like`` (M, Tp, Da).
-        """
+    def _alphas(self, i: int, like: torch.Tensor):
+        """(t, alpha-bar_t, alpha-bar_prev) of step index ``i`` (0-dim, ``like``'s device/dtype)."""
         ts, alpha_bars = self._lookup(like)
-        if isinstance(i, int):
-            return ts[i], alpha_bars[i], alpha_bars[i + 1]
-        shape = (-1,) + (1,) * (like.dim() - 1)
-        idx = i.to(ts.device)
-        return (
-            ts[idx].reshape(shape),
-            alpha_bars[idx].reshape(shape),
-            alpha_bars[idx + 1].reshape(shape),
-        )
+        return ts[i], alpha_bars[i], alpha_bars[i + 1]
 
     def coefficients(
         self, t: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor
@@ -197,8 +186,7 @@ class DiffusionSampler:
         return gaussian_transition(self.schedule, c, x, eps, x if self.mean_term == "x" else eps)
 
     def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
-        c = self._coefficients_at(i, x)
-        return self.schedule.clip_x0(torch.addcmul(x, eps, c.neg_sqrt_1ma) / c.sqrt_a)
+        return predict_x0(self.schedule, self._coefficients_at(i, x), x, eps)
 
     def gaussian(self, x: torch.Tensor, eps: torch.Tensor, i: int | torch.Tensor):
         """(mean, std, x0) of the transition out of step i (int, or (M,) per-sample indices).
@@ -336,8 +324,15 @@ def gaussian_transition(
     Five tensor ops: at batch 1 on a CPU the cost is per op, not per element. ``c``'s tensors
     are 0-dim, or broadcast against x (per-sample or per-action coefficients).
     """
-    x0 = schedule.clip_x0(torch.addcmul(x, eps, c.neg_sqrt_1ma) / c.sqrt_a)
+    x0 = predict_x0(schedule, c, x, eps)
     return torch.addcmul(c.c_x0 * x0, term, c.c_term), x0
+
+
+def predict_x0(
+    schedule: NoiseSchedule, c: StepCoefficients, x: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """The clipped clean-sample estimate clip((x - sqrt(1 - abar) eps) / sqrt(abar))."""
+    return schedule.clip_x0(torch.addcmul(x, eps, c.neg_sqrt_1ma) / c.sqrt_a)
 
 
 def ddim_coefficients(
