@@ -12,13 +12,22 @@ DEFAULT_N_STEPS = 2
 """Steps from ``start_step`` down to 0 when ``n_steps`` is not given (DiffusionDrive uses 2)."""
 
 
-def shift_chunk(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Drop the first ``n`` actions of each chunk and repeat the last one: (B, Tp, Da) -> same."""
+def shift_index(horizon: int, n: int, device=None) -> torch.Tensor:
+    """(Tp,) positions a shift by ``n`` reads from: n, n+1, ..., Tp-1, then Tp-1 repeated."""
     if n < 1:
         raise ValueError(f"shift must be >= 1 action, got {n}")
-    n = min(n, x.shape[1])
-    tail = x[:, -1:].expand(-1, n, -1)
-    return torch.cat([x[:, n:], tail], dim=1)
+    return torch.arange(n, n + horizon, device=device).clamp(max=horizon - 1)
+
+
+def shift_chunk(x: torch.Tensor, n: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Drop the first ``n`` actions of each chunk and repeat the last one: (B, Tp, Da) -> same.
+
+    ``index``: ``shift_index(Tp, n)`` on x's device, precomputed by callers in a hot loop (the
+    shift is then one gather).
+    """
+    if index is None:
+        index = shift_index(x.shape[1], n, x.device)
+    return x.index_select(1, index)
 
 
 def step_list(

@@ -99,7 +99,10 @@ class DiffusionPolicy(nn.Module):
 
     def encode(self, obs_norm: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised observations {key: (B, To, *shape)} -> conditioning (B, To * sum(dims))."""
-        return torch.cat([obs_norm[k].flatten(1) for k in self.obs_keys], dim=-1)
+        keys = self.obs_keys
+        if len(keys) == 1:  # one op less per call: the common state-observation case
+            return obs_norm[keys[0]].flatten(1)
+        return torch.cat([obs_norm[k].flatten(1) for k in keys], dim=-1)
 
     def condition(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw observations {key: (B, To, *shape)} -> conditioning (B, Dc)."""

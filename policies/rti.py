@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from policies.chunk_ops import rows, shift_chunk, step_list
+from policies.chunk_ops import rows, shift_chunk, shift_index, step_list
 from policies.chunk_samplers import (
     CHUNK_SAMPLERS,
     ChunkSampler,
@@ -77,6 +77,7 @@ class RTIChunkSampler(ChunkSampler):
         """q(x_t | x_0) at the first warm step: 0-dim CPU tensors (scalars on any device)."""
         self.base = base
         self.shift = policy.cfg.n_action_steps
+        self._shift_index: dict[torch.device, torch.Tensor] = {}
         dims = [int(d) for d in gripper_dims]
         bad = [d for d in dims if not 0 <= d < policy.cfg.action_dim]
         if bad:
@@ -105,7 +106,12 @@ class RTIChunkSampler(ChunkSampler):
 
     def warm_guess(self, prev: torch.Tensor) -> torch.Tensor:
         """Previous clean chunks (M, Tp, Da) -> the shifted, gripper-clipped guesses."""
-        guess = shift_chunk(prev, self.shift)
+        index = self._shift_index.get(prev.device)
+        if index is None:
+            index = self._shift_index[prev.device] = shift_index(
+                prev.shape[1], self.shift, prev.device
+            )
+        guess = shift_chunk(prev, self.shift, index)
         if self.gripper_clip is not None:
             bound = 1.0 / self.gripper_clip
             guess[..., self.gripper_dims] = guess[..., self.gripper_dims].clamp(-bound, bound)
@@ -130,10 +136,9 @@ class RTIChunkSampler(ChunkSampler):
                 f"rti state holds {has.shape[0]} streams, got a batch of "
                 f"{cond.shape[0]}: build the runtime with n_streams={cond.shape[0]}"
             )
-        n_warm = int(has.sum())
-        if n_warm == len(has):  # steady state: the whole batch warm-starts, no indexing
+        if bool(has.all()):  # steady state: the whole batch warm-starts, no indexing
             return self.warm_sample(policy, cond, state["prev"], generator, hooks, obs)
-        if n_warm == 0:
+        if not bool(has.any()):
             return self.cold.sample(policy, cond, {}, generator=generator, hooks=hooks, obs=obs)
         cfg = policy.cfg
         x = torch.empty(
@@ -162,7 +167,7 @@ class RTIChunkSampler(ChunkSampler):
         """Warm start from previous clean chunks prev (M, Tp, Da): shift, noise, warm steps."""
         guess = self.warm_guess(prev)
         z = self.warm.draw_noise(guess, generator)
-        x_start = self.sqrt_a_start * guess + self.sqrt_1ma_start * z
+        x_start = torch.addcmul(guess.mul_(self.sqrt_a_start), z, self.sqrt_1ma_start)
         return self.warm.run(
             policy.eps_fn(cond), x_start, cond, generator=generator, hooks=hooks, obs=obs
         )
@@ -170,8 +175,10 @@ class RTIChunkSampler(ChunkSampler):
     def after_chunk(
         self, policy: DiffusionPolicy, result: ChainResult, state: SamplerState
     ) -> None:
-        state["prev"] = result.x.detach().clone()
-        state["has_prev"] = torch.ones_like(state["has_prev"])
+        # the runtime never hands result.x out (it returns an un-normalised copy), so it can be
+        # kept without a copy
+        state["prev"] = result.x.detach()
+        state["has_prev"].fill_(True)
 
     def postprocess(self, actions: np.ndarray) -> np.ndarray:
         """Binarise the executed gripper commands (B, Ta, Da), env units, to +-1."""

@@ -180,6 +180,25 @@ def level_transition(
     return mean, c.std, x0
 
 
+@dataclass(frozen=True)
+class StreamingConstants:
+    """What every steady-state call of a ``StreamingChunkSampler`` reuses, on one device.
+
+    ``pattern`` (Tp,) levels before a call; ``steps`` see ``steps_on``; ``clean`` (Tp, 1) the
+    positions clean after a call; ``renoise[cold]`` (Tp, 1) the positions ``roll`` re-noises
+    (``renoises[cold]``: any at all); ``sqrt_a_pattern`` / ``sqrt_1ma_pattern`` (Tp, 1) q(x_t |
+    x_0) at each position's pattern level.
+    """
+
+    pattern: torch.Tensor
+    steps: list
+    clean: torch.Tensor
+    renoise: dict[bool, torch.Tensor]
+    renoises: dict[bool, bool]
+    sqrt_a_pattern: torch.Tensor
+    sqrt_1ma_pattern: torch.Tensor
+
+
 class StreamingChunkSampler(ChunkSampler):
     """SDP runtime: D = N/h network calls per call, the noisy buffer kept in the runtime state.
 
@@ -217,21 +236,33 @@ class StreamingChunkSampler(ChunkSampler):
             True: torch.cat([torch.ones(lay.horizon - lay.n_action_steps).bool(), fresh]),
         }
         """Positions re-noised by ``roll`` after a steady-state call (False) or a first call (True)."""
-        self._steps: dict[str, list] = {}
+        self._constants: dict[str, StreamingConstants] = {}
+
+    def constants(self, device) -> StreamingConstants:
+        """This sampler's ``StreamingConstants`` on ``device``, computed once."""
+        key = str(device)
+        if key not in self._constants:
+            pattern = self.layout.pattern(device)
+            steps = []
+            for c in range(self.layout.levels_per_call):
+                a, a_prev = level_alphas(self.schedule, pattern - 1 - c)
+                steps.append((pattern - 1 - c, a, a_prev, level_coefficients(a, a_prev, self.eta)))
+            a_pattern = level_alphas(self.schedule, pattern - 1)[0]
+            self._constants[key] = StreamingConstants(
+                pattern=pattern,
+                steps=steps,
+                clean=(pattern == self.layout.levels_per_call)[:, None],
+                renoise={cold: m.to(device)[:, None] for cold, m in self.renoise.items()},
+                renoises={cold: bool(m.any()) for cold, m in self.renoise.items()},
+                sqrt_a_pattern=a_pattern.sqrt(),
+                sqrt_1ma_pattern=(1 - a_pattern).sqrt(),
+            )
+        return self._constants[key]
 
     def steps_on(self, device) -> list:
         """Per network call c of a steady-state call: (timesteps (Tp,) = pattern - 1 - c,
-        alpha-bar (Tp, 1), alpha-bar of the next level (Tp, 1), their ``level_coefficients``)
-        on ``device``, computed once."""
-        key = str(device)
-        if key not in self._steps:
-            pattern = self.layout.pattern(device)
-            self._steps[key] = []
-            for c in range(self.layout.levels_per_call):
-                a, a_prev = level_alphas(self.schedule, pattern - 1 - c)
-                coefficients = level_coefficients(a, a_prev, self.eta)
-                self._steps[key].append((pattern - 1 - c, a, a_prev, coefficients))
-        return self._steps[key]
+        alpha-bar (Tp, 1), alpha-bar of the next level (Tp, 1), their ``level_coefficients``)."""
+        return self.constants(device).steps
 
     def init_state(self, policy: DiffusionPolicy, batch: int, device) -> SamplerState:
         cfg = policy.cfg
@@ -298,7 +329,7 @@ class StreamingChunkSampler(ChunkSampler):
             buffers[warm] = self.roll(buffer, cold=False, generator=generator)
             nfe += self.layout.levels_per_call
         state["buffer"] = buffers
-        state["levels"] = self.layout.pattern(cond.device).repeat(len(has), 1)
+        state["levels"] = self.constants(cond.device).pattern.repeat(len(has), 1)
         state["has_buffer"] = torch.ones_like(has)
         return ChainResult(x=x, chain=None, nfe=nfe)
 
@@ -315,38 +346,35 @@ class StreamingChunkSampler(ChunkSampler):
         Returns (chunk, buffer): the chunk holds the clean sub-chunk 0 (level 0) and the last x0
         prediction elsewhere; the buffer is the denoised one (sub-chunk j at level j*D), unrolled.
         """
-        pattern = self.layout.pattern(levels.device)
-        if not bool((levels == pattern).all()):
+        const = self.constants(levels.device)
+        if not torch.equal(levels, const.pattern.expand_as(levels)):
             raise RuntimeError(
                 f"streaming buffer levels {levels.tolist()} are not the pattern "
-                f"{pattern.tolist()}: the sampler state was corrupted"
+                f"{const.pattern.tolist()}: the sampler state was corrupted"
             )
         x = buffer
         m = x.shape[0]
-        for t, _, _, c in self.steps_on(x.device):
+        for t, _, _, c in const.steps:
             eps = policy.eps(x, t.expand(m, -1), cond)
             mean, x0 = gaussian_transition(self.schedule, c, x, eps, eps)
             x = mean + c.std * self.diffusion.draw_noise(x, generator) if c.stochastic else mean
-        clean = (pattern == self.layout.levels_per_call)[:, None]
-        return torch.where(clean, x, x0), x
+        return torch.where(const.clean, x, x0), x
 
     def roll(self, x: torch.Tensor, cold: bool, generator: torch.Generator | None) -> torch.Tensor:
         """Buffers after a call (M, Tp, Da) -> the next call's: shifted by Ta, fresh noise at
         level N appended, clean positions re-noised to their pattern level (all of them when
         ``cold``: the chunk of a first call is clean everywhere)."""
-        lay = self.layout
-        ta = lay.n_action_steps
+        ta = self.layout.n_action_steps
         fresh = torch.randn(
             (x.shape[0], ta, x.shape[2]), generator=generator, device=x.device, dtype=x.dtype
         )
         x = torch.cat([x[:, ta:], fresh], dim=1)
-        renoise = self.renoise[cold]
-        if not bool(renoise.any()):
+        const = self.constants(x.device)
+        if not const.renoises[cold]:
             return x
-        pattern = lay.pattern()
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        noised = self.schedule.add_noise(x, z, (pattern - 1).expand(x.shape[0], -1))
-        return torch.where(renoise.to(x.device)[:, None], noised, x)
+        noised = torch.addcmul(const.sqrt_a_pattern * x, z, const.sqrt_1ma_pattern)
+        return torch.where(const.renoise[cold], noised, x)
 
     def describe(self) -> dict:
         lay = self.layout

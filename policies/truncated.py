@@ -189,6 +189,10 @@ class TruncatedChunkSampler(ChunkSampler):
                 f"(Tp, Da) = ({cfg.horizon}, {cfg.action_dim})"
             )
         self.anchors = found
+        self._anchors_on: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        a_start = policy.schedule.alpha_bar(self.start_timestep)
+        self.sqrt_a_start, self.sqrt_1ma_start = a_start.sqrt(), (1 - a_start).sqrt()
+        """q(x_s | anchor) at the start step: 0-dim CPU tensors (scalars on any device)."""
         self.selection = selection
         self.probe = DDIMSampler(policy.schedule, timesteps=[n_train - 1])
         """One network call at the top level whose x0 picks the anchor (no chain is run)."""
@@ -202,15 +206,25 @@ class TruncatedChunkSampler(ChunkSampler):
         """sqrt(1 - alpha-bar) at the start step: the std of the noise added to an anchor."""
         return self.diffusion.noise_level(0)
 
-    def noise_anchor(self, anchor: torch.Tensor, z: torch.Tensor, schedule) -> torch.Tensor:
+    def noise_anchor(self, anchor: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """q(x_s | anchor) with given standard-normal z: (M, Tp, Da) -> (M, Tp, Da)."""
-        t = torch.full((anchor.shape[0],), self.start_timestep)  # CPU: the schedule's tables
-        return schedule.add_noise(anchor, z, t)
+        return torch.addcmul(anchor * self.sqrt_a_start, z, self.sqrt_1ma_start)
+
+    def anchors_on(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Anchors on ``like``'s device and dtype, cached: (k, Tp, Da), their flat transpose
+        (Tp*Da, k) and squared norms (1, k)."""
+        key = (like.device, like.dtype)
+        if key not in self._anchors_on:
+            anchors = self.anchors.to(like)
+            flat = anchors.flatten(1)
+            self._anchors_on[key] = (anchors, flat.T.contiguous(), (flat**2).sum(1)[None])
+        return self._anchors_on[key]
 
     def nearest_anchor(self, x0: torch.Tensor) -> torch.Tensor:
-        """Index (B,) of the anchor closest (L2) to each chunk x0 (B, Tp, Da)."""
-        anchors = self.anchors.to(x0)
-        return torch.cdist(x0.flatten(1), anchors.flatten(1)).argmin(1)
+        """Index (B,) of the anchor closest (L2) to each chunk x0 (B, Tp, Da):
+        argmin_k |a_k|^2 - 2 x0 . a_k (|x0|^2 is the same for every k)."""
+        _, flat_t, sq_norms = self.anchors_on(x0)
+        return torch.addmm(sq_norms, x0.flatten(1), flat_t, alpha=-2.0).argmin(1)
 
     def sample(
         self,
@@ -236,8 +250,8 @@ class TruncatedChunkSampler(ChunkSampler):
             dtype=cond.dtype,
         )
         rough = self.probe.predict_x0(z, policy.eps(z, self.probe.timesteps[0], cond), 0)
-        anchor = self.anchors.to(cond)[self.nearest_anchor(rough)]
-        x = self.noise_anchor(anchor, self.diffusion.draw_noise(anchor, generator), policy.schedule)
+        anchor = self.anchors_on(cond)[0].index_select(0, self.nearest_anchor(rough))
+        x = self.noise_anchor(anchor, self.diffusion.draw_noise(anchor, generator))
         res = self.diffusion.run(
             policy.eps_fn(cond), x, cond, generator=generator, hooks=hooks, obs=obs
         )
@@ -246,12 +260,10 @@ class TruncatedChunkSampler(ChunkSampler):
     def _sample_all(self, policy, cond, generator, hooks, obs) -> ChainResult:
         """Denoise all k anchors per stream; keep the one that moved least."""
         k, b = self.anchors.shape[0], cond.shape[0]
-        anchors = self.anchors.to(cond).repeat(b, 1, 1)
+        anchors = self.anchors_on(cond)[0].repeat(b, 1, 1)
         cond_k = cond.repeat_interleave(k, 0)
         idx = torch.arange(b, device=cond.device).repeat_interleave(k)
-        x = self.noise_anchor(
-            anchors, self.diffusion.draw_noise(anchors, generator), policy.schedule
-        )
+        x = self.noise_anchor(anchors, self.diffusion.draw_noise(anchors, generator))
         res = self.diffusion.run(
             policy.eps_fn(cond_k), x, cond_k, generator=generator, hooks=hooks, obs=rows(obs, idx)
         )

@@ -72,7 +72,7 @@ def test_start_level_is_the_schedule_value(policy):
     assert sampler.diffusion.timesteps == [7, 0]
     assert sampler.start_noise_level == pytest.approx(float((1 - a_bar).sqrt()), rel=1e-6)
     z = torch.randn(5, 4, 2)
-    noised = sampler.noise_anchor(anchors, z, policy.schedule)
+    noised = sampler.noise_anchor(anchors, z)
     torch.testing.assert_close(noised, a_bar.sqrt() * anchors + (1 - a_bar).sqrt() * z)
     default = build_chunk_sampler("truncated", policy, anchors=anchors)
     assert default.start_timestep == round(0.2 * (N_TRAIN - 1))
@@ -131,6 +131,12 @@ def test_nearest_anchor(policy):
     sampler = build_chunk_sampler("truncated", policy, anchors=anchors)
     x0 = torch.stack([torch.full((4, 2), v) for v in (0.4, -0.9, 0.1)])
     assert sampler.nearest_anchor(x0).tolist() == [2, 0, 1]
+    gen = torch.Generator().manual_seed(0)
+    many = torch.rand(20, 4, 2, generator=gen) * 2 - 1
+    sampler = build_chunk_sampler("truncated", policy, anchors=many)
+    chunks = torch.rand(50, 4, 2, generator=gen) * 2 - 1
+    brute = torch.cdist(chunks.flatten(1), many.flatten(1)).argmin(1)
+    assert torch.equal(sampler.nearest_anchor(chunks), brute)
 
 
 def test_bad_options(policy):
