@@ -72,13 +72,32 @@ def check_compatible(cfg: DictConfig) -> None:
     require(
         im.success_steps >= 1, f"imagination.success_steps must be >= 1, got {im.success_steps}"
     )
+    if im.halt_quantile is not None:
+        require(
+            doc.get("ensemble") is not None,
+            f"imagination.halt_quantile needs a world model with a disagreement ensemble; "
+            f"{cfg.world_model} has none (train it with ensemble.n_heads >= 2)",
+        )
+        known = doc["meta"].get("disagreement_quantiles", {})
+        require(
+            str(im.halt_quantile) in known,
+            f"imagination.halt_quantile={im.halt_quantile} is not a calibrated quantile of "
+            f"{cfg.world_model}; choose one of {sorted(float(q) for q in known)}",
+        )
+
+
+def halt_threshold(cfg: DictConfig, meta: dict[str, Any]) -> float | None:
+    """The disagreement above which imagined episodes halt (None: no halting)."""
+    q = cfg.imagination.halt_quantile
+    return None if q is None else float(meta["disagreement_quantiles"][str(q)])
 
 
 def make_imagined_venv(cfg: DictConfig):
     """The training vector env of an offline run: the world model's imagined env."""
     im, task = cfg.imagination, cfg.task
+    bundle = load_world_model(cfg.world_model)
     return make_imagined_vec_env(
-        load_world_model(cfg.world_model),
+        bundle,
         task.name,
         task.n_envs,
         task.n_obs_steps,
@@ -90,6 +109,8 @@ def make_imagined_venv(cfg: DictConfig):
         success_reward=im.success_reward,
         sample_latent=im.sample_latent,
         success_steps=im.success_steps,
+        max_disagreement=halt_threshold(cfg, bundle.meta),
+        halt_penalty=im.halt_penalty,
     )
 
 
@@ -147,6 +168,7 @@ def finetune_offline(cfg: DictConfig) -> dict[str, Any]:
             "episodes": wm_meta.get("play_episodes"),
             "steps": wm_meta.get("play_steps"),
         },
+        "halt_disagreement": halt_threshold(cfg, wm_meta),
         "imagined_success_rate": imagined[-1]["success_rate"] if imagined else None,
         "imagined_successes_per_env": next(
             (r["successes_per_env"] for r in reversed(metrics) if "successes_per_env" in r), None

@@ -43,6 +43,7 @@ from world_models.classifier import (
     fit_classifier,
     precision_recall,
 )
+from world_models.ensemble import EnsembleConfig, PriorEnsemble, fit_prior_ensemble
 from world_models.labels import apply_predicate, load_predicate
 from world_models.rssm import WorldModel, WorldModelConfig
 
@@ -50,6 +51,9 @@ STATIC_TOL = 1e-6
 """A dim whose range within every episode is below this is static (copied, not imagined)."""
 EPISODE_CHUNK = 256
 """Episodes filtered per batch when computing features for the classifier and evaluation."""
+DISAGREEMENT_QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
+"""Quantiles of the ensemble's disagreement on held-out open-loop imagination, stored in the
+checkpoint's metadata: the thresholds ``imagination.halt_quantile`` can pick."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,11 +140,11 @@ def filtered_features(
     """Latent features (M, F) of filtering every real step of ``data``, and their labels (M,).
 
     Keys: ``posterior`` ([h_t, z_t ~ q]), ``prior_mean`` / ``prior_sample`` ([h_t, z_t] from the
-    one-step prior p(z_t | h_t): what imagination produces), ``labels``.
+    one-step prior p(z_t | h_t): what imagination produces), ``labels``; and for the
+    disagreement ensemble ``deter`` (M, H), ``post_mean`` / ``post_std`` (M, Z).
     """
-    out: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("posterior", "prior_mean", "prior_sample", "labels")
-    }
+    keys = ("posterior", "prior_mean", "prior_sample", "labels", "deter", "post_mean", "post_std")
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for s in range(0, len(data), EPISODE_CHUNK):
         sl = slice(s, s + EPISODE_CHUNK)
         seq = model.observe(data.obs[sl], data.action[sl], generator)
@@ -151,6 +155,8 @@ def filtered_features(
             ("prior_sample", seq["prior_stoch"]),
         ):
             out[key].append(torch.cat([seq["deter"], z], -1)[mask])
+        for key in ("deter", "post_mean", "post_std"):
+            out[key].append(seq[key][mask])
         out["labels"].append(data.labels[sl][mask])
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -218,6 +224,7 @@ def open_loop_eval(
     starts_per_episode: int,
     generator: torch.Generator,
     sample: bool = True,
+    ensemble: PriorEnsemble | None = None,
 ) -> dict[str, Any]:
     """Imagine ``horizon`` steps from real observations of held-out episodes under their actions.
 
@@ -227,7 +234,8 @@ def open_loop_eval(
     baseline predicts the start observation for every future step. ``classifier`` scores every
     imagined step against the real label; ``classifier_episodes`` scores, for the rollouts from
     episode starts, "some imagined step is a success" (what ends an imagined episode) against
-    the real episode.
+    the real episode. With an ``ensemble``, ``disagreement`` holds its quantiles over every
+    imagined step (the scale of "as uncertain as imagining play behaviour") and its mean per step.
     """
     ep_t, start_t, t, first, actions = open_loop_windows(
         data, horizon, starts_per_episode, generator
@@ -245,7 +253,21 @@ def open_loop_eval(
     hits = classifier.predict(feats.flatten(0, 1)).view(len(ep_t), horizon).numpy()
     labels = data.labels[ep_t[:, None], t].numpy()
     from_start = (start_t == 0).numpy()
-    return {
+    result: dict[str, Any] = {}
+    if ensemble is not None:
+        spread = ensemble.disagreement(feats[..., : model.cfg.deter_dim].flatten(0, 1))
+        result["disagreement"] = {
+            "quantiles": {
+                str(q): float(v)
+                for q, v in zip(
+                    DISAGREEMENT_QUANTILES,
+                    torch.quantile(spread, torch.tensor(DISAGREEMENT_QUANTILES)),
+                    strict=True,
+                )
+            },
+            "mean_per_step": [round(float(x), 6) for x in spread.view(len(ep_t), horizon).mean(0)],
+        }
+    return result | {
         "horizon": horizon,
         "n_rollouts": len(ep_t),
         "model_mse": float(model_err.mean()),
@@ -272,6 +294,12 @@ def validate(cfg: DictConfig) -> None:
     require(0 < t.val_fraction < 1, f"train.val_fraction must be in (0, 1), got {t.val_fraction}")
     require(
         c.steps > 0 and c.batch_size > 0, "classifier.steps and classifier.batch_size must be > 0"
+    )
+    e = cfg.ensemble
+    require(
+        e.n_heads == 0 or (e.n_heads >= 2 and e.steps > 0 and e.batch_size > 0),
+        f"ensemble.n_heads must be 0 (no ensemble) or >= 2 with ensemble.steps and "
+        f"ensemble.batch_size > 0, got n_heads={e.n_heads}",
     )
     require(cfg.eval.starts_per_episode >= 1, "eval.starts_per_episode must be >= 1")
     require(c.imagined_starts >= 0, "classifier.imagined_starts must be >= 0")
@@ -377,7 +405,7 @@ def train_rssm(
 def train_world_model(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate and save; returns the summary written to ``<run>/summary.json``."""
     validate(cfg)
-    t, m, c = cfg.train, cfg.model, cfg.classifier
+    t, m, c, e = cfg.train, cfg.model, cfg.classifier, cfg.ensemble
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     task = cfg.task.name
@@ -474,9 +502,24 @@ def train_world_model(cfg: DictConfig) -> dict[str, Any]:
         run.log(
             {"classifier_step": s, "classifier_loss": float(np.mean(losses[s - t.log_every : s]))}
         )
-    save_world_model(
-        run.checkpoints / LATEST, model, start_obs, classifier, {**meta, "step": t.steps}
-    )
+    ensemble = None
+    if e.n_heads > 0:  # the disagreement ensemble, on the same filtered states
+        ensemble = PriorEnsemble(
+            EnsembleConfig(
+                m.deter_dim, m.stoch_dim, e.n_heads, e.hidden_dim, min_std=model.cfg.min_std
+            )
+        )
+        posterior = (feats["deter"], feats["post_mean"], feats["post_std"])
+        ensemble_losses = fit_prior_ensemble(ensemble, *posterior, e.steps, e.batch_size, e.lr, gen)
+        for s in range(t.log_every, e.steps + 1, t.log_every):
+            run.log(
+                {
+                    "ensemble_step": s,
+                    "ensemble_loss": float(np.mean(ensemble_losses[s - t.log_every : s])),
+                }
+            )
+    meta["step"] = t.steps
+    save_world_model(run.checkpoints / LATEST, model, start_obs, classifier, meta, ensemble)
 
     # stage 3: held-out evaluation
     val_feats = filtered_features(model, val_set, gen)
@@ -492,7 +535,11 @@ def train_world_model(cfg: DictConfig) -> dict[str, Any]:
         cfg.eval.starts_per_episode,
         gen,
         cfg.eval.sample_latent,
+        ensemble,
     )
+    if ensemble is not None:  # the calibration of imagination.halt_quantile
+        meta["disagreement_quantiles"] = open_loop["disagreement"]["quantiles"]
+        save_world_model(run.checkpoints / LATEST, model, start_obs, classifier, meta, ensemble)
 
     metrics = run.read_metrics()
     plot_curves(
@@ -535,6 +582,7 @@ def train_world_model(cfg: DictConfig) -> dict[str, Any]:
                 "imagined": n_imagined,
             },
             "classifier_held_out": held_out,
+            "ensemble_heads": e.n_heads,
             "open_loop": open_loop,
         }
     )

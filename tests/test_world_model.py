@@ -25,6 +25,7 @@ from world_models.classifier import (
     fit_classifier,
     precision_recall,
 )
+from world_models.ensemble import EnsembleConfig, PriorEnsemble, fit_prior_ensemble
 from world_models.imagined_env import make_imagined_vec_env
 from world_models.labels import point_reach_success
 from world_models.rssm import WorldModel, WorldModelConfig
@@ -43,6 +44,10 @@ TINY_WM = [
     "classifier.hidden_dim=32",
     "classifier.steps=150",
     "classifier.batch_size=128",
+    "ensemble.n_heads=3",
+    "ensemble.hidden_dim=16",
+    "ensemble.steps=150",
+    "ensemble.batch_size=128",
     "eval.horizon=30",
     "eval.starts_per_episode=2",
 ]
@@ -178,6 +183,85 @@ def test_imagined_vec_env_meets_the_same_contract(wm_run):
     _, reward, terminated, _, info = venv.step(np.zeros((3, 4, 2), np.float32))
     assert terminated.all() and np.all(reward == 1.0)
     assert np.all(info["final_info"]["n_executed"] == 2)
+
+
+def test_imagined_episodes_halt_where_the_ensemble_disagrees(wm_run):
+    bundle = load_world_model(wm_run)
+    zeros = np.zeros((3, 4, 2), np.float32)
+
+    def first_step(**kwargs):
+        venv = make_imagined_vec_env(bundle, "point_reach", 3, 1, 4, seed=0, **kwargs)
+        venv.reset(seed=1)
+        return venv, venv.step(zeros)
+
+    # a threshold below any disagreement: every episode halts on its first imagined step
+    venv, (_, reward, terminated, truncated, info) = first_step(
+        max_disagreement=0.0, halt_penalty=2.0
+    )
+    assert terminated.all() and not truncated.any() and np.all(reward == -2.0)
+    assert not info["final_info"]["is_success"].any()
+    assert np.all(info["final_info"]["n_executed"] == 1) and venv.halted == 3
+    # an unreachable one changes nothing
+    _, plain = first_step()
+    _, never = first_step(max_disagreement=float("inf"))
+    for a, b in zip(plain[:4], never[:4], strict=True):
+        np.testing.assert_array_equal(a, b)
+    # success comes before halting
+    _, (_, reward, terminated, _, info) = first_step(max_disagreement=0.0, success_threshold=1e-9)
+    assert terminated.all() and np.all(reward == 1.0) and info["final_info"]["is_success"].all()
+    bundle.ensemble = None
+    with pytest.raises(ValueError, match="disagreement ensemble"):
+        first_step(max_disagreement=0.0)
+
+
+def test_disagreement_ensemble_is_trained_calibrated_and_saved(wm_run, play_data, tmp_path):
+    from dppo.world_model_train import EpisodeSet, filtered_features, state_success_labels
+
+    bundle = load_world_model(wm_run)
+    ensemble = bundle.ensemble
+    assert ensemble is not None and ensemble.cfg.n_heads == 3
+    quantiles = bundle.meta["disagreement_quantiles"]
+    values = [quantiles[q] for q in ("0.5", "0.9", "0.95", "0.99", "0.999")]
+    assert values == sorted(values) and values[0] > 0
+    summary = json.loads((wm_run / "summary.json").read_text())
+    assert summary["open_loop"]["disagreement"]["quantiles"] == quantiles
+    assert len(summary["open_loop"]["disagreement"]["mean_per_step"]) == 30
+    # the heads agree on states like the play data, not far from them
+    dataset = DemoDataset(play_data)
+    labels, _ = state_success_labels(dataset, None, "state")
+    data = EpisodeSet(dataset, "state", labels, np.arange(5))
+    deter = filtered_features(bundle.model, data, torch.Generator().manual_seed(0))["deter"]
+    familiar = ensemble.disagreement(deter).median()
+    # GRU states lie in (-1, 1): unfamiliar ones are random points of that cube
+    gen = torch.Generator().manual_seed(0)
+    unfamiliar = ensemble.disagreement(torch.rand(deter.shape, generator=gen) * 2 - 1).median()
+    assert unfamiliar > 2 * familiar
+    # round trip
+    save_world_model(
+        tmp_path / "ck", bundle.model, bundle.start_obs, bundle.classifier, bundle.meta, ensemble
+    )
+    again = load_world_model(tmp_path / "ck").ensemble
+    assert again.cfg == ensemble.cfg
+    torch.testing.assert_close(again.disagreement(deter), ensemble.disagreement(deter))
+
+
+def test_prior_ensemble_fits_a_known_posterior():
+    gen = torch.Generator().manual_seed(0)
+    deter = torch.randn(2000, 6, generator=gen)
+    post_mean = torch.tanh(deter[:, :3] @ torch.randn(3, 4, generator=gen))
+    post_std = torch.full((2000, 4), 0.3)
+    ensemble = PriorEnsemble(EnsembleConfig(deter_dim=6, stoch_dim=4, n_heads=4, hidden_dim=32))
+    losses = fit_prior_ensemble(
+        ensemble, deter[:1500], post_mean[:1500], post_std[:1500], 1000, 128, 3e-3, gen
+    )
+    assert losses[-1] < 0.1 * losses[0]
+    with torch.no_grad():
+        mean, std = ensemble(deter[1500:])  # held out
+    assert mean.shape == std.shape == (4, 500, 4)
+    assert float((mean.mean(0) - post_mean[1500:]).abs().mean()) < 0.08
+    assert abs(float(std.mean()) - 0.3) < 0.05
+    with pytest.raises(ValueError, match="n_heads >= 2"):
+        EnsembleConfig(deter_dim=6, stoch_dim=4, n_heads=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,12 +475,26 @@ def test_world_model_of_another_task_is_rejected(pretrained_run, wm_run, tmp_pat
         finetune_offline(cfg)
 
 
+def test_halting_offline_run_uses_the_calibrated_quantile(pretrained_run, wm_run, tmp_path):
+    base = [f"checkpoint={pretrained_run}", *SMALL_DPPO, "imagination.halt_quantile=0.9"]
+    cfg = load_config("finetune-offline", [*base, f"world_model={wm_run}", f"out={tmp_path / 'a'}"])
+    s = finetune_offline(cfg)
+    quantiles = load_world_model(wm_run).meta["disagreement_quantiles"]
+    assert s["halt_disagreement"] == quantiles["0.9"] and s["online_env_steps"] == 0
+    bundle = load_world_model(wm_run)  # the same world model without its ensemble
+    save_world_model(tmp_path / "plain", bundle.model, bundle.start_obs, bundle.classifier)
+    cfg = load_config("finetune-offline", [*base, f"world_model={tmp_path / 'plain'}"])
+    with pytest.raises(ConfigError, match="needs a world model with a disagreement ensemble"):
+        finetune_offline(cfg)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("imagination.success_steps=0", "imagination.success_steps must be >= 1"),
         ("imagination.max_episode_steps=0", "imagination.max_episode_steps must be > 0"),
         ("imagination.start_states=nowhere", "imagination.start_states must be one of"),
+        ("imagination.halt_quantile=0.42", r"not a calibrated quantile.*one of \[0.5, 0.9"),
     ],
 )
 def test_bad_imagination_settings_fail_before_training(pretrained_run, wm_run, override, message):

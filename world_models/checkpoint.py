@@ -2,7 +2,8 @@
 
 A checkpoint folder holds ``world_model.json`` ({"world_model": WorldModelConfig, "classifier":
 ClassifierConfig or null, "meta": {...}}), ``world_model.safetensors`` (RSSM, decoder and
-normaliser), ``classifier.safetensors`` (when trained) and ``start_states.safetensors``: the real
+normaliser), ``classifier.safetensors`` (when trained), ``ensemble.safetensors`` (the disagreement ensemble of
+``world_models.ensemble``, when trained; its config under "ensemble") and ``start_states.safetensors``: the real
 initial observations (N, D) of the play episodes that imagined episodes start from.
 """
 
@@ -18,11 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from policies.checkpoint import CHECKPOINTS_DIR, LATEST, POLICY_JSON, atomic_dir
 from world_models.classifier import ClassifierConfig, SuccessClassifier
+from world_models.ensemble import EnsembleConfig, PriorEnsemble
 from world_models.rssm import WorldModel, WorldModelConfig
 
 WORLD_MODEL_JSON = "world_model.json"
 WORLD_MODEL_WEIGHTS = "world_model.safetensors"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
+ENSEMBLE_WEIGHTS = "ensemble.safetensors"
 START_STATES = "start_states.safetensors"
 START_OBS_KEY = "start_obs"
 
@@ -30,13 +33,15 @@ START_OBS_KEY = "start_obs"
 @dataclass
 class WorldModelBundle:
     """A loaded checkpoint: the model (eval mode), its classifier (or None), start observations
-    (N, D) float32 and the metadata written at training time."""
+    (N, D) float32, the metadata written at training time and the disagreement ensemble (or
+    None)."""
 
     model: WorldModel
     classifier: SuccessClassifier | None
     start_obs: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None
+    ensemble: PriorEnsemble | None = None
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -49,6 +54,7 @@ def save_world_model(
     start_obs: torch.Tensor,
     classifier: SuccessClassifier | None = None,
     meta: dict[str, Any] | None = None,
+    ensemble: PriorEnsemble | None = None,
 ) -> Path:
     """Write the checkpoint folder ``path`` atomically (a crash leaves the previous one)."""
     path = Path(path)
@@ -62,9 +68,12 @@ def save_world_model(
     save_file({START_OBS_KEY: start_obs.contiguous()}, str(tmp / START_STATES))
     if classifier is not None:
         save_file(_state(classifier), str(tmp / CLASSIFIER_WEIGHTS))
+    if ensemble is not None:
+        save_file(_state(ensemble), str(tmp / ENSEMBLE_WEIGHTS))
     doc = {
         "world_model": model.cfg.to_dict(),
         "classifier": classifier.cfg.to_dict() if classifier is not None else None,
+        "ensemble": ensemble.cfg.to_dict() if ensemble is not None else None,
         "meta": meta or {},
     }
     (tmp / WORLD_MODEL_JSON).write_text(json.dumps(doc, indent=2))
@@ -112,5 +121,12 @@ def load_world_model(path: str | Path, require_classifier: bool = True) -> World
             f"world model at {folder} has no success classifier (was its training interrupted "
             "before the classifier stage?)"
         )
+    ensemble = None
+    if doc.get("ensemble") is not None:
+        ensemble = PriorEnsemble(EnsembleConfig(**doc["ensemble"]))
+        ensemble.load_state_dict(load_file(str(folder / ENSEMBLE_WEIGHTS), device="cpu"))
+        ensemble.eval()
     start_obs = load_file(str(folder / START_STATES), device="cpu")[START_OBS_KEY]
-    return WorldModelBundle(model.eval(), classifier, start_obs, doc.get("meta", {}), folder)
+    return WorldModelBundle(
+        model.eval(), classifier, start_obs, doc.get("meta", {}), folder, ensemble
+    )

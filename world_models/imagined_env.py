@@ -18,6 +18,10 @@ autoreset (``info["final_obs"]``, ``info["final_info"]``) and ``is_success`` / `
   (A classifier with a small false-positive rate per step fires somewhere in most long imagined
   episodes; real successes persist, spurious hits rarely do.) ``max_episode_steps`` control
   steps -> truncated.
+- Halting on uncertainty (MOReL): with ``max_disagreement``, a step whose disagreement-ensemble
+  spread exceeds it (imagination has left the states the model knows) ends the episode
+  (``terminated``) with reward ``-halt_penalty``, so DPPO cannot profit from spurious imagined
+  successes there. ``halted`` counts such episodes since construction.
 - A non-finite decoded observation is a "simulator fault", handled as ``ChunkWrapper`` does.
 """
 
@@ -85,6 +89,9 @@ class ImaginedVecEnv(VectorEnv):
         success_threshold: classifier probability above which a step counts as success (None:
             the classifier's own threshold).
         sample_latent: draw z from the prior (Dreamer) or use its mean.
+        max_disagreement: halt episodes whose ensemble disagreement exceeds this (None: never;
+            needs a bundle with an ensemble).
+        halt_penalty: the reward of a halting step is minus this.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
@@ -103,9 +110,16 @@ class ImaginedVecEnv(VectorEnv):
         seed: int | None = None,
         on_close: Callable[[], None] | None = None,
         success_steps: int = 1,
+        max_disagreement: float | None = None,
+        halt_penalty: float = 1.0,
     ):
         if bundle.classifier is None:
             raise ValueError("the imagined env needs a world model with a success classifier")
+        if max_disagreement is not None and bundle.ensemble is None:
+            raise ValueError(
+                "halting on disagreement needs a world model trained with a disagreement "
+                "ensemble (train-world-model ensemble.n_heads >= 2)"
+            )
         if num_envs < 1 or max_episode_steps < 1 or success_steps < 1:
             raise ValueError(
                 f"need num_envs >= 1, max_episode_steps >= 1 and success_steps >= 1, got "
@@ -133,6 +147,10 @@ class ImaginedVecEnv(VectorEnv):
         self.success_reward = float(success_reward)
         self.success_steps = int(success_steps)
         self.sample_latent = sample_latent
+        self.ensemble = bundle.ensemble
+        self.max_disagreement = max_disagreement
+        self.halt_penalty = float(halt_penalty)
+        self.halted = 0
         self._start_sampler = start_sampler
         self._on_close = on_close
         self._rng = np.random.default_rng(seed)
@@ -205,18 +223,20 @@ class ImaginedVecEnv(VectorEnv):
             ok = active & finite
             self._streak = np.where(ok, np.where(above, self._streak + 1, 0), self._streak)
             hit = self._streak >= self.success_steps
+            halt = ok & ~hit & self._uncertain(nxt)
             fault |= faulty
             truncated |= faulty
             n_executed += active
             self._state = nxt.where(torch.as_tensor(ok), self._state)
             self._history[ok] = np.concatenate([self._history[ok, 1:], obs[ok, None]], axis=1)
             self._elapsed += ok
-            reward += np.where(ok & hit, self.success_reward, 0.0)
+            reward += np.where(ok & hit, self.success_reward, 0.0) - self.halt_penalty * halt
             success |= ok & hit
-            terminated |= ok & hit
-            out_of_time = ok & ~hit & (self._elapsed >= self.max_episode_steps)
+            terminated |= (ok & hit) | halt
+            self.halted += int(halt.sum())
+            out_of_time = ok & ~hit & ~halt & (self._elapsed >= self.max_episode_steps)
             truncated |= out_of_time
-            active &= ~(faulty | hit | out_of_time)
+            active &= ~(faulty | hit | halt | out_of_time)
             if not active.any():
                 break
         ended = terminated | truncated
@@ -236,6 +256,12 @@ class ImaginedVecEnv(VectorEnv):
             for key in INFO_KEYS:  # the top-level info of a reset env is its reset info
                 info[key] = np.where(ended, np.zeros_like(info[key]), info[key])
         return self._history.copy(), reward, terminated, truncated, info
+
+    def _uncertain(self, state) -> np.ndarray:
+        """(E,) bool: the ensemble's disagreement on ``state`` exceeds ``max_disagreement``."""
+        if self.max_disagreement is None:
+            return np.zeros(self.num_envs, bool)
+        return (self.ensemble.disagreement(state.deter) > self.max_disagreement).numpy()
 
     def close_extras(self, **kwargs: Any) -> None:
         if self._on_close is not None:

@@ -92,7 +92,7 @@ class LatentState:
         )
 
 
-def _mlp(inp: int, hidden: int, out: int, depth: int = 2) -> nn.Sequential:
+def mlp(inp: int, hidden: int, out: int, depth: int = 2) -> nn.Sequential:
     layers: list[nn.Module] = []
     d = inp
     for _ in range(depth):
@@ -100,6 +100,12 @@ def _mlp(inp: int, hidden: int, out: int, depth: int = 2) -> nn.Sequential:
         d = hidden
     layers.append(nn.Linear(d, out))
     return nn.Sequential(*layers)
+
+
+def gaussian_stats(stats: torch.Tensor, min_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a head's output (..., 2Z) into mean (..., Z) and std (..., Z) >= ``min_std``."""
+    mean, raw_std = stats.chunk(2, dim=-1)
+    return mean, F.softplus(raw_std) + min_std
 
 
 def gaussian_kl(
@@ -119,14 +125,14 @@ class WorldModel(nn.Module):
         self.cfg = cfg
         h, z, d = cfg.deter_dim, cfg.stoch_dim, cfg.hidden_dim
         self.normalizer = Normalizer({cfg.obs_key: (cfg.obs_dim,), ACTION_KEY: (cfg.action_dim,)})
-        self.encoder = _mlp(cfg.obs_dim, d, d)
+        self.encoder = mlp(cfg.obs_dim, d, d)
         self.transition_in = nn.Sequential(
             nn.Linear(z + cfg.action_dim, d), nn.LayerNorm(d), nn.SiLU()
         )
         self.gru = nn.GRUCell(d, h)
-        self.prior_net = _mlp(h, d, 2 * z, depth=1)
-        self.posterior_net = _mlp(h + d, d, 2 * z, depth=1)
-        self.decoder = _mlp(h + z, d, cfg.obs_dim)
+        self.prior_net = mlp(h, d, 2 * z, depth=1)
+        self.posterior_net = mlp(h + d, d, 2 * z, depth=1)
+        self.decoder = mlp(h + z, d, cfg.obs_dim)
 
     # -- normalisation --------------------------------------------------------------------------
     def fit_normalizer(self, obs, actions) -> None:
@@ -146,8 +152,7 @@ class WorldModel(nn.Module):
         return LatentState(zeros(batch, self.cfg.deter_dim), zeros(batch, self.cfg.stoch_dim))
 
     def _dist(self, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, raw_std = stats.chunk(2, dim=-1)
-        return mean, F.softplus(raw_std) + self.cfg.min_std
+        return gaussian_stats(stats, self.cfg.min_std)
 
     @staticmethod
     def _sample(mean, std, generator: torch.Generator | None, sample: bool) -> torch.Tensor:
