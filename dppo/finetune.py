@@ -502,6 +502,7 @@ def finetune(
         learner.critic_sched.step()
         learner.iteration = itr + 1
         raw_rewards = ro.arrays("raw_rewards")  # (T, E)
+        n_successes = sum(ro.episode_successes)
         record = {
             "iteration": learner.iteration,
             "env_steps": learner.env_steps,
@@ -509,7 +510,10 @@ def finetune(
             "episode_return": float(np.mean(ro.episode_returns)) if ro.episode_returns else None,
             "n_episodes": len(ro.episode_returns),
             # unbiased where episodes outlast a rollout (success_rate counts finished ones only)
-            "successes_per_env": sum(ro.episode_successes) / raw_rewards.shape[1],
+            "successes_per_env": n_successes / raw_rewards.shape[1],
+            # episodes ended by a termination that is no success (a fall; in imagination, a halt)
+            "terminal_failures_per_env": (ro.arrays("terminated").sum() - n_successes)
+            / raw_rewards.shape[1],
             "sim_faults": ro.sim_faults,
             "reward_mean": float(raw_rewards.mean()),
             "time_rollout": t1 - t0,

@@ -128,6 +128,8 @@ def plot_imagination_vs_reality(path: Path, metrics: list[dict[str, Any]], task:
     fig, (ax_s, ax_r) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_s.plot(*series("success_rate"), label="imagined, of finished episodes")
     ax_s.plot(*series("successes_per_env"), label="imagined successes per env and rollout")
+    if any(r.get("terminal_failures_per_env") for r in metrics):
+        ax_s.plot(*series("terminal_failures_per_env"), label="imagined halts per env and rollout")
     ax_s.plot(*series("eval/success_rate"), marker="o", label="real simulator")
     ax_s.set_ylim(-0.02, 1.02)
     ax_s.set_ylabel("success rate")
@@ -141,6 +143,11 @@ def plot_imagination_vs_reality(path: Path, metrics: list[dict[str, Any]], task:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _last(metrics: list[dict[str, Any]], key: str) -> Any:
+    """The last value of ``key`` in the metric records (None when never logged)."""
+    return next((r[key] for r in reversed(metrics) if key in r), None)
 
 
 def finetune_offline(cfg: DictConfig) -> dict[str, Any]:
@@ -170,9 +177,8 @@ def finetune_offline(cfg: DictConfig) -> dict[str, Any]:
         },
         "halt_disagreement": halt_threshold(cfg, wm_meta),
         "imagined_success_rate": imagined[-1]["success_rate"] if imagined else None,
-        "imagined_successes_per_env": next(
-            (r["successes_per_env"] for r in reversed(metrics) if "successes_per_env" in r), None
-        ),
+        "imagined_successes_per_env": _last(metrics, "successes_per_env"),
+        "imagined_halts_per_env": _last(metrics, "terminal_failures_per_env"),
         "real_eval_episodes": cfg.eval_episodes,
         "real_success_per_eval": {
             r["iteration"]: r["eval/success_rate"] for r in metrics if "eval/success_rate" in r
