@@ -7,7 +7,9 @@ A play agent strings together *segments* of random length, each one behaviour dr
   wander with random correlated actions.
 - ``lift``: reach random gripper poses with the gripper opening and closing, grasp the cube and
   lift it (the scripted Lift expert for a random number of steps, so some lifts complete the task
-  and others stop half-way) then release it, push the cube sideways, wander randomly.
+  and others stop half-way) then release it, push the cube sideways, wander randomly. Some grasps
+  aim off the cube (position and yaw errors), so the data shows closing beside the cube and
+  lifting nothing: without such misses a world model learns that every close-and-raise lifts.
 
 Episodes start from the task's own reset distribution and are *not* cut at success: the agent
 keeps playing until the time limit, so the privileged success signal stored per step (``success``:
@@ -178,6 +180,9 @@ PUSH_START = 0.08  # m behind the cube (along the push direction)
 PUSH_END = 0.1  # m past the cube
 PUSH_SPEED = 0.5
 RELEASE_STEPS = (5, 30)  # steps with the gripper opening after a grasp segment
+GRASP_MISS_PROB = 0.4  # share of grasp segments that aim off the cube
+GRASP_AIM_ERROR = 0.04  # m, largest horizontal aim error of such a grasp
+GRASP_YAW_ERROR = 0.6  # rad, largest yaw error of such a grasp
 PHASE_TOL = 0.015  # m, a push phase ends this close to its target
 
 
@@ -224,6 +229,9 @@ class LiftPlay(SegmentPlay):
         elif self.behaviour == "grasp":
             self._expert.reset(env, obs, rng)
             self._release_at = int(rng.integers(*RELEASE_STEPS))
+            miss = rng.random() < GRASP_MISS_PROB
+            self._expert.aim_error = rng.uniform(-GRASP_AIM_ERROR, GRASP_AIM_ERROR, 2) * miss
+            self._expert.yaw_error = float(rng.uniform(-GRASP_YAW_ERROR, GRASP_YAW_ERROR)) * miss
         else:  # wander: random constant push, made wiggly by the segment's noise
             self._waypoints = [rng.uniform(-1.0, 1.0, size=env.action_space.shape)]
 

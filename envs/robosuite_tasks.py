@@ -517,12 +517,21 @@ def _body_pose(env: RobosuiteEnv, body_id: int) -> tuple[np.ndarray, np.ndarray]
 
 
 class LiftExpert(WaypointExpert):
-    """Above the cube (yaw aligned to a face) -> descend -> close -> lift."""
+    """Above the cube (yaw aligned to a face) -> descend -> close -> lift.
+
+    ``aim_error`` (m, xy) and ``yaw_error`` (rad) shift the grasp off the cube (play data's
+    missed grasps); both 0 by default.
+    """
 
     phases = ("above", "descend", "grasp", "lift")
     holding_phases = ("lift",)
     GRASP_DEPTH = 0.005  # m below the cube centre
     LIFT_HEIGHT = 0.15  # m above the table
+
+    def __init__(self, noise: float = 0.0) -> None:
+        super().__init__(noise)
+        self.aim_error = np.zeros(2)
+        self.yaw_error = 0.0
 
     def target(self, env: RobosuiteEnv):
         return env.robosuite_env.cube
@@ -530,8 +539,8 @@ class LiftExpert(WaypointExpert):
     def waypoint(self, env: RobosuiteEnv, phase: str) -> Waypoint:
         rs = env.robosuite_env
         cube_pos, cube_rot = _body_pose(env, rs.cube_body_id)
-        yaw = _wrap(_yaw_of(cube_rot), np.pi / 2)
-        grasp = cube_pos - [0.0, 0.0, self.GRASP_DEPTH]
+        yaw = _wrap(_yaw_of(cube_rot), np.pi / 2) + self.yaw_error
+        grasp = cube_pos + [*self.aim_error, -self.GRASP_DEPTH]
         if phase == "above":
             return Waypoint(grasp + [0.0, 0.0, APPROACH_HEIGHT], yaw, GRIPPER_OPEN, pos_tol=0.02)
         if phase == "descend":

@@ -11,13 +11,16 @@ from envs.robosuite_tasks import RobosuiteEnv, observation_layout
 TASKS = ("lift", "can", "square")
 
 
-def _rollout_expert(task: str, seed: int, noise: float = 0.0):
-    """Run the task's expert for one episode; returns (success, steps, last step's outputs)."""
+def _rollout_expert(task: str, seed: int, noise: float = 0.0, **aim):
+    """Run the task's expert (``aim``: attributes set after its reset) for one episode; returns
+    (success, steps, last step's outputs)."""
     spec = get_task(task)
     env = spec.make()
     expert = spec.make_expert(noise)
     obs, _ = env.reset(seed=seed)
     expert.reset(env, obs, np.random.default_rng(seed))
+    for name, value in aim.items():
+        setattr(expert, name, value)
     steps, done = 0, False
     while not done:  # the TimeLimit ends every episode
         obs, reward, terminated, truncated, info = env.step(expert.act(env, obs))
@@ -96,6 +99,13 @@ def test_lift_expert_succeeds_and_success_terminates():
         if success:  # success ends the episode with the sparse reward, not by the time limit
             assert terminated and not truncated and reward == 1.0
             assert steps < get_task("lift").max_episode_steps
+
+
+def test_lift_expert_aimed_off_the_cube_misses():
+    """Play data's missed grasps: 5 cm beside the cube (and turned), the same expert lifts
+    nothing in the whole episode."""
+    success, steps, _ = _rollout_expert("lift", 0, aim_error=np.array([0.05, 0.0]), yaw_error=0.5)
+    assert not success and steps == get_task("lift").max_episode_steps
 
 
 def test_time_limit_truncates_without_success():
