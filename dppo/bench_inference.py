@@ -56,9 +56,10 @@ ROW_COLUMNS = (
 )
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 """``cpu`` (process CPU time) is robust to other processes sharing the cores; use it with threads=1."""
-PATHS = ("plain", "static")
+PATHS = ("plain", "static", "compiled")
 """plain: the chunk sampler as built; static: ``policies.gpu.accelerate`` (eager static chains on
-CPU, CUDA graphs on a GPU). Streaming has no static path."""
+CPU, CUDA graphs on a GPU; streaming has no static path); compiled: ``accelerate(mode="compile")``
+(inductor; its rows also time the network compiled alone)."""
 NO_GPU = "not yet measured: no CUDA device here (scripts/bench_inference_gpu.sh measures it)"
 
 
@@ -153,30 +154,35 @@ def time_chunks(
     warmup: int,
     max_seconds: float,
     clock: str = "wall",
-    forward=None,
+    forwards: Mapping[str, Any] | None = None,
     forwards_per_chunk: int = 0,
-) -> tuple[list[float], list[int], list[float]]:
-    """(ms, nfe, forward ms) of successive ``runtime.act`` calls after ``warmup`` untimed ones.
+) -> tuple[list[float], list[int], dict[str, list[float]]]:
+    """(ms, nfe, {name: forward ms}) of successive ``runtime.act`` calls after ``warmup``
+    untimed ones.
 
-    The warm-up includes the first (cold) call of warm-started samplers, so the timed calls are
-    their steady state. After each timed chunk, ``forwards_per_chunk`` single ``forward()`` calls
-    are timed too, so that chunks and forwards see the same load on a shared machine. Stops
-    after ``max_seconds`` once ``MIN_TIMED_CHUNKS`` are timed.
+    The warm-up includes the first (cold) call of warm-started samplers (and compilation), so
+    the timed calls are their steady state. After each timed chunk, ``forwards_per_chunk``
+    calls of each single-forward callable in ``forwards`` are timed too, so that chunks and
+    forwards see the same load on a shared machine. Stops after ``max_seconds`` once
+    ``MIN_TIMED_CHUNKS`` are timed.
     """
+    forwards = dict(forwards or {})
     runtime.reset()
     for _ in range(warmup):
         runtime.act(obs)
-    if forward is not None:
+    for forward in forwards.values():
         forward()
     now = CLOCKS[clock]
-    ms, nfe, forward_ms = [], [], []
+    ms, nfe = [], []
+    forward_ms: dict[str, list[float]] = {name: [] for name in forwards}
     start = time.perf_counter()
     while len(ms) < repeats:
         begin = now()
         res = runtime.act(obs)
         ms.append((now() - begin) * MS_PER_S)
         nfe.append(res.nfe)
-        forward_ms += [timed_ms(forward, clock) for _ in range(forwards_per_chunk)]
+        for name, forward in forwards.items():
+            forward_ms[name] += [timed_ms(forward, clock) for _ in range(forwards_per_chunk)]
         if len(ms) >= MIN_TIMED_CHUNKS and time.perf_counter() - start > max_seconds:
             break
     return ms, nfe, forward_ms
@@ -197,10 +203,14 @@ def cost_row(
     batch = int(cfg["batch"])
     clock = str(cfg.get("clock") or "wall")
     sampler = build_chunk_sampler(sampler_name, policy, **options)
+    forwards = {"eager": forward_call(policy, batch, device)}
     if path == "static":
         accelerate(
             sampler, policy, mode="graph" if torch.device(device).type == "cuda" else "eager"
         )
+    elif path == "compiled":
+        accelerate(sampler, policy, mode="compile")
+        forwards["compiled"] = torch.compile(forward_call(policy, batch, device), dynamic=False)
     runtime = PolicyRuntime(policy, sampler, batch, seed=int(cfg["seed"]), device=device)
     ms, nfe, forward_ms = time_chunks(
         runtime,
@@ -209,13 +219,20 @@ def cost_row(
         int(cfg["warmup"]),
         float(cfg["max_seconds_per_row"]),
         clock,
-        forward=forward_call(policy, batch, device),
+        forwards=forwards,
         forwards_per_chunk=int(cfg["forward_repeats"]),
     )
-    forward = float(np.median(forward_ms))
+    forward = float(np.median(forward_ms["eager"]))
     ta = policy.cfg.n_action_steps
     nfe_chunk = float(np.mean(nfe))
     p50 = float(np.percentile(ms, P50))
+    compiled = {}
+    if "compiled" in forward_ms:  # the same network compiled alone: the stricter baseline
+        compiled_forward = float(np.median(forward_ms["compiled"]))
+        compiled = {
+            "compiled_forward_ms": compiled_forward,
+            "overhead_ratio_vs_compiled_forward": p50 / (nfe_chunk * compiled_forward),
+        }
     return {
         "sampler": sampler_name,
         "network": network,
@@ -232,6 +249,7 @@ def cost_row(
         "ms_per_action": p50 / ta,
         "forward_ms": forward,
         "overhead_ratio": p50 / (nfe_chunk * forward),
+        **compiled,
         "timed_chunks": len(ms),
         "sampler_config": sampler.describe(),
         "success_rate": None,

@@ -8,14 +8,18 @@ the sampler's own loop is already as cheap (same table, same five ops per step).
 
 - ``graph``: ``torch.cuda.CUDAGraph`` capture of the whole chain, one graph per (start step,
   batch shape), replayed with the inputs copied into static buffers;
-- ``compile``: ``torch.compile(mode="reduce-overhead")`` of the chain (inductor kernels + graphs);
+- ``compile``: ``torch.compile`` of the whole chain: on CUDA with ``mode="reduce-overhead"``
+  (inductor kernels + CUDA graphs), on a CPU with inductor's C++ kernels (the chain's small
+  per-step ops fused, one call instead of dozens of dispatches: what a batch-1 CPU controller
+  needs). The first call of each (start step, shape) compiles (tens of seconds); outputs match
+  the eager chain to float rounding, not bit for bit;
 - ``eager``: the static chain run step by step.
 
 ``precision="bf16"`` runs the denoiser on a bf16 copy of its weights (half the bytes per network
 call: the batch-1 bound is weight bandwidth); the chain arithmetic stays fp32. The bf16 copies are
-snapshots: accelerate again after the weights change. Without CUDA, ``graph`` and ``compile``
-fall back to ``eager`` (``active_mode`` says which ran), with outputs identical to the sampler's
-own ``run`` in fp32. Hooks and chain recording always take the sampler's own (eager) ``run``.
+snapshots: accelerate again after the weights change (so are compiled chains). Without CUDA,
+``graph`` falls back to ``eager`` (``active_mode`` says which ran), with outputs identical to the
+sampler's own ``run`` in fp32. Hooks and chain recording always take the sampler's own (eager) ``run``.
 A static chain calls the policy's networks itself (``network_for`` each step, so a frozen DPPO
 copy serves its steps): the ``eps_fn`` handed to ``run`` is used only on those eager fallbacks.
 """
@@ -141,13 +145,15 @@ class StaticChain:
             for net in self.networks:
                 net.to(x.device)
             self._net_device = x.device
-        if x.device.type != "cuda" or self.mode == "eager":
+        cuda = x.device.type == "cuda"
+        if self.mode == "eager" or (self.mode == "graph" and not cuda):
             self.active_mode = "eager"
             return self.chain(start, x, cond, noise)
         self.active_mode = self.mode
         if self.mode == "compile":
             if self._compiled is None:
-                self._compiled = torch.compile(self.chain, mode="reduce-overhead", dynamic=False)
+                options = {"mode": "reduce-overhead"} if cuda else {}
+                self._compiled = torch.compile(self.chain, dynamic=False, **options)
             return self._compiled(start, x, cond, noise).clone()
         return self._replay(start, x, cond, noise)
 
@@ -188,12 +194,21 @@ def accelerate(
     precision: str = "fp32",
     memo: dict | None = None,
 ) -> ChunkSampler:
-    """Swap the chains of ``sampler`` (in place, also nested chunk samplers) for static chains."""
+    """Swap the chains of ``sampler`` (in place, also nested chunk samplers) for static chains.
+
+    Streaming has no reverse chain to swap: with ``mode="compile"`` (fp32) its per-call
+    ``denoise_levels`` is compiled instead; other modes refuse it.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown GPU mode {mode!r}; valid modes: {', '.join(MODES)}")
     if isinstance(sampler, StreamingChunkSampler):
-        raise ValueError(
-            "the GPU path covers ddpm, ddim, rti and truncated; streaming's "
-            "per-action steps run eagerly"
-        )
+        if mode != "compile" or precision != "fp32":
+            raise ValueError(
+                "the streaming sampler's per-action steps take only mode='compile' in fp32 "
+                "(graph capture and bf16 cover ddpm, ddim, rti and truncated)"
+            )
+        sampler.denoise_levels = torch.compile(sampler.denoise_levels, dynamic=False)
+        return sampler
     memo = {} if memo is None else memo
     for name, value in list(vars(sampler).items()):
         if name in sampler.eager_parts:

@@ -352,13 +352,29 @@ class StreamingChunkSampler(ChunkSampler):
                 f"streaming buffer levels {levels.tolist()} are not the pattern "
                 f"{const.pattern.tolist()}: the sampler state was corrupted"
             )
-        x = buffer
-        m = x.shape[0]
-        for t, _, _, c in const.steps:
+        noise = [
+            self.diffusion.draw_noise(buffer, generator) for *_, c in const.steps if c.stochastic
+        ]
+        x, x0 = self.denoise_levels(policy, buffer, cond, noise)
+        return torch.where(const.clean, x, x0), x
+
+    def denoise_levels(
+        self,
+        policy: DiffusionPolicy,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        noise: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The D per-action transitions of a call on buffers x (M, Tp, Da) at the pattern, with
+        ``noise`` drawn beforehand (one (M, Tp, Da) draw per stochastic step): (x, last x0).
+
+        A pure tensor function (``policies.gpu.accelerate`` may compile it)."""
+        m, draws = x.shape[0], iter(noise)
+        for t, _, _, c in self.constants(x.device).steps:
             eps = policy.eps(x, t.expand(m, -1), cond)
             mean, x0 = gaussian_transition(self.schedule, c, x, eps, eps)
-            x = mean + c.std * self.diffusion.draw_noise(x, generator) if c.stochastic else mean
-        return torch.where(const.clean, x, x0), x
+            x = mean + c.std * next(draws) if c.stochastic else mean
+        return x, x0
 
     def roll(self, x: torch.Tensor, cold: bool, generator: torch.Generator | None) -> torch.Tensor:
         """Buffers after a call (M, Tp, Da) -> the next call's: shifted by Ta, fresh noise at

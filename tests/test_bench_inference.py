@@ -63,6 +63,15 @@ def test_rows_on_random_networks(tmp_path):
     assert "sampler" in format_table(rows).splitlines()[0]
 
 
+def test_compiled_rows_also_time_the_compiled_network(tmp_path):
+    run_bench_inference(bench_cfg(tmp_path, samplers=["ddim"], paths=["compiled"], clock="cpu"))
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert row["path"] == "compiled" and row["nfe_per_chunk"] == 10
+    assert row["overhead_ratio_vs_compiled_forward"] == pytest.approx(
+        row["ms_per_chunk_p50"] / (10 * row["compiled_forward_ms"])
+    )
+
+
 def test_checkpoint_rows_report_success(tmp_path):
     policy = random_policy(TINY, seed=0)
     policy.cfg.task = "point_reach"

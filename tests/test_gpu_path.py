@@ -47,7 +47,7 @@ def chunks(policy, sampler, device="cpu", calls=4, streams=3):
 
 
 @pytest.mark.parametrize("name, options", SAMPLERS)
-@pytest.mark.parametrize("mode", ["graph", "compile", "eager"])
+@pytest.mark.parametrize("mode", ["graph", "eager"])
 def test_cpu_fallback_reproduces_the_sampler(name, options, mode):
     policy = random_policy(TINY, seed=0)
     ref = chunks(policy, build_chunk_sampler(name, policy, **options))
@@ -60,6 +60,29 @@ def test_cpu_fallback_reproduces_the_sampler(name, options, mode):
     assert chains and all(c.active_mode == "eager" for c in chains)
     # a one-call probe (truncated's anchor choice) runs no chain: it stays a plain sampler
     assert not any(isinstance(getattr(fast, part), StaticChain) for part in fast.eager_parts)
+
+
+def test_compiled_chains_on_cpu_match_the_sampler():
+    """rti: its cold DDIM-10 chain and its 3-step warm chain, each compiled by inductor."""
+    policy = random_policy(TINY, seed=0)
+    options = {"steps": [3, 1, 0]}
+    ref = chunks(policy, build_chunk_sampler("rti", policy, **options))
+    fast = accelerate(build_chunk_sampler("rti", policy, **options), policy, mode="compile")
+    got = chunks(policy, fast)
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_allclose(a.chunk, b.chunk, rtol=1e-4, atol=1e-5)
+        assert a.nfe == b.nfe
+    assert fast.warm.active_mode == fast.cold.diffusion.active_mode == "compile"
+
+
+def test_compiled_streaming_levels_match_the_sampler():
+    policy = random_policy({**TINY, "num_train_steps": 6}, "streaming", seed=0)  # D = 3
+    options = {"eta": 0.5}  # noise drawn before the compiled call, in the eager order
+    ref = chunks(policy, build_chunk_sampler("streaming", policy, **options))
+    fast = accelerate(build_chunk_sampler("streaming", policy, **options), policy, mode="compile")
+    for a, b in zip(ref, chunks(policy, fast), strict=True):
+        np.testing.assert_allclose(a.chunk, b.chunk, rtol=1e-4, atol=1e-5)
+        assert a.nfe == b.nfe
 
 
 def test_bf16_runs_on_a_copy_and_stays_close():
@@ -111,8 +134,12 @@ def test_bad_requests():
     with pytest.raises(ValueError, match="valid"):
         accelerate(build_chunk_sampler("ddim", policy), policy, precision="fp8")
     streaming = random_policy(TINY, "streaming", seed=0)
-    with pytest.raises(ValueError, match="streaming"):
+    with pytest.raises(ValueError, match="streaming sampler.*only mode='compile'"):
         accelerate(build_chunk_sampler("streaming", streaming), streaming)
+    with pytest.raises(ValueError, match="only mode='compile' in fp32"):
+        accelerate(
+            build_chunk_sampler("streaming", streaming), streaming, "compile", precision="bf16"
+        )
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
