@@ -16,6 +16,7 @@ from dppo.run_dir import write_json
 from dppo.runners import evaluate_with_runner
 from policies.checkpoint import load_policy, read_checkpoint_meta, resolve_checkpoint
 from policies.chunk_samplers import build_chunk_sampler
+from policies.gpu import apply_fast_path, check_fast_path
 from policies.guidance import build_hooks
 from policies.runtime import PolicyRuntime
 
@@ -62,6 +63,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
 
 def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the subcommand's name
     torch.set_num_threads(cfg.threads)
+    check_fast_path(cfg.fast_path, cfg.precision)
     folder = resolve_checkpoint(cfg.checkpoint)
     meta = read_checkpoint_meta(folder)
     task = cfg.eval_task or meta["config"]["task"]
@@ -75,7 +77,9 @@ def eval(cfg: DictConfig) -> dict[str, Any]:  # noqa: A001 - the subcommand's na
     n_envs = min(cfg.n_envs, cfg.n_episodes)
 
     def make_runtime(n_streams: int) -> PolicyRuntime:
-        sampler = build_chunk_sampler(name, policy, **opts)
+        sampler = apply_fast_path(
+            build_chunk_sampler(name, policy, **opts), policy, cfg.fast_path, cfg.precision
+        )
         hooks = build_hooks(cfg.guidance, policy, task, sampler=sampler)
         return PolicyRuntime(policy, sampler, n_streams, hooks=hooks, seed=cfg.seed)
 

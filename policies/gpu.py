@@ -187,6 +187,27 @@ class StaticChain:
         return graph, static_x, static_cond, static_noise, out
 
 
+def check_fast_path(fast_path: str | None, precision: str = "fp32") -> None:
+    """Raise a ValueError naming the valid values for a bad ``fast_path`` / ``precision``."""
+    if fast_path is not None and fast_path not in MODES:
+        raise ValueError(
+            f"unknown fast_path {fast_path!r}; valid: {', '.join(MODES)} (or null: the sampler "
+            "as built)"
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if fast_path is None and precision != "fp32":
+        raise ValueError(f"precision={precision} needs a fast_path (eager, graph or compile)")
+
+
+def apply_fast_path(
+    sampler: ChunkSampler, policy: DiffusionPolicy, fast_path: str | None, precision: str = "fp32"
+) -> ChunkSampler:
+    """``accelerate`` when ``fast_path`` is a mode; the sampler unchanged when it is None."""
+    check_fast_path(fast_path, precision)
+    return sampler if fast_path is None else accelerate(sampler, policy, fast_path, precision)
+
+
 def accelerate(
     sampler: ChunkSampler,
     policy: DiffusionPolicy,

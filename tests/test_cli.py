@@ -80,6 +80,12 @@ def test_demos_pretrain_eval_finetune_end_to_end(tmp_path, capsys):
     for key in ("success_rate", "mean_return", "n_episodes", "ms_per_chunk", "nfe_per_chunk"):
         assert key in report
     assert report["n_episodes"] == 4 and report["nfe_per_chunk"] == 3
+    # the static-chain fast path reproduces the sampler's episodes exactly
+    fast = ["eval", f"checkpoint={pre}", "n_episodes=4", "n_envs=2", "sampler=ddim", "steps=3"]
+    assert main([*fast, "fast_path=eager", f"out={tmp_path / 'ev-fast'}"]) == 0
+    fast_report = json.loads((tmp_path / "ev-fast" / "eval.json").read_text())
+    for key in ("success_rate", "mean_return", "mean_length"):
+        assert fast_report[key] == report[key], key
     assert (
         main(
             [
@@ -129,6 +135,8 @@ def test_demos_pretrain_eval_finetune_end_to_end(tmp_path, capsys):
         (["eval", "checkpoint=x", "task=nope"], "no checkpoint"),
         (["eval", "checkpoint=/nonexistent"], "no checkpoint"),
         (["frobnicate"], "unknown command"),
+        (["eval", "checkpoint=/nonexistent", "fast_path=jit"], "unknown fast_path 'jit'"),
+        (["eval", "checkpoint=/nonexistent", "precision=bf16"], "needs a fast_path"),
     ],
 )
 def test_bad_input_fails_before_work(argv, message, tmp_path, capsys, monkeypatch):

@@ -33,6 +33,7 @@ from dppo.serving.server import (
 )
 from policies.checkpoint import save_policy
 from policies.diffusion import DiffusionPolicy, PolicyConfig
+from policies.gpu import StaticChain
 from policies.runtime import PolicyRuntime
 
 TASK = "point_reach"
@@ -81,8 +82,8 @@ def checkpoint(tmp_path) -> Path:
     return tiny_checkpoint(tmp_path)
 
 
-def start(checkpoint: Path, **cfg) -> ServerThread:
-    runtime = load_runtime(str(checkpoint), SAMPLER, seed=SEED)
+def start(checkpoint: Path, fast_path: str | None = None, **cfg) -> ServerThread:
+    runtime = load_runtime(str(checkpoint), SAMPLER, seed=SEED, fast_path=fast_path)
     return ServerThread(
         PolicyServer(runtime, ServerConfig(port=0, control_freq=CONTROL_FREQ, **cfg))
     )
@@ -202,7 +203,9 @@ def test_metadata_on_connect(checkpoint):
     assert meta["auth_required"] is False and meta["limits"]["max_batch"] >= 1
 
 
-def test_infer_round_trip_equals_in_process_runtime(checkpoint):
+@pytest.mark.parametrize("fast_path", [None, "eager"])
+def test_infer_round_trip_equals_in_process_runtime(checkpoint, fast_path):
+    """Also through the static-chain fast path (``fast_path=eager``: bit-identical on a CPU)."""
     o1, o2, o3 = env_observations(3)
     local = in_process(checkpoint)
     expected = [
@@ -210,7 +213,9 @@ def test_infer_round_trip_equals_in_process_runtime(checkpoint):
         local.act(history(o1, o2)).actions[0],
         local.act(history(o2, o3)).actions[0],
     ]
-    with start(checkpoint) as server, connect(server.url) as client:
+    with start(checkpoint, fast_path) as server, connect(server.url) as client:
+        chain = server.server.runtime.sampler.diffusion
+        assert isinstance(chain, StaticChain) == (fast_path is not None)
         got = [
             client.infer({OBS_KEY: o1}, reset=True),
             client.infer({OBS_KEY: o2}),
@@ -345,6 +350,8 @@ def test_only_safetensors_checkpoints_are_served(tmp_path, capsys):
         load_runtime(str(pickled), SAMPLER)
     assert cli_main(["serve", f"checkpoint={pickled}"]) == 2
     assert "only safetensors" in capsys.readouterr().err
+    assert cli_main(["serve", f"checkpoint={tmp_path}", "fast_path=jit"]) == 2
+    assert "unknown fast_path 'jit'" in capsys.readouterr().err
 
 
 def test_concurrent_requests_are_batched_into_fewer_forward_calls(checkpoint):

@@ -36,6 +36,7 @@ from dppo.serving import protocol as P
 from dppo.serving.codec import DEFAULT_MAX_BYTES, CodecError, pack, unpack
 from policies.checkpoint import load_policy
 from policies.chunk_samplers import SamplerState, build_chunk_sampler
+from policies.gpu import apply_fast_path, check_fast_path
 from policies.history import ObsHistory
 from policies.runtime import PolicyRuntime
 
@@ -476,12 +477,19 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def load_runtime(
-    checkpoint: str, sampler: dict[str, Any], seed: int = 0, device: str = "cpu"
+    checkpoint: str,
+    sampler: dict[str, Any],
+    seed: int = 0,
+    device: str = "cpu",
+    fast_path: str | None = None,
+    precision: str = "fp32",
 ) -> PolicyRuntime:
     """A one-stream runtime for a safetensors checkpoint; pickled files are refused outright.
 
-    ``sampler``: {"name": ..., **options} as in cfg/sampler/*.yaml.
+    ``sampler``: {"name": ..., **options} as in cfg/sampler/*.yaml. ``fast_path`` / ``precision``:
+    ``policies.gpu.apply_fast_path`` (CUDA graphs, compiled chains, bf16).
     """
+    check_fast_path(fast_path, precision)
     path = Path(checkpoint)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(
@@ -491,7 +499,9 @@ def load_runtime(
         )
     policy = load_policy(path, device=device)
     options = dict(sampler)
-    chunk_sampler = build_chunk_sampler(options.pop("name"), policy, **options)
+    chunk_sampler = apply_fast_path(
+        build_chunk_sampler(options.pop("name"), policy, **options), policy, fast_path, precision
+    )
     return PolicyRuntime(policy, chunk_sampler, 1, seed=seed, device=device)
 
 
@@ -512,7 +522,12 @@ def serve_command(cfg) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(cfg.threads)
     runtime = load_runtime(
-        cfg.checkpoint, OmegaConf.to_container(cfg.sampler), cfg.seed, cfg.device
+        cfg.checkpoint,
+        OmegaConf.to_container(cfg.sampler),
+        cfg.seed,
+        cfg.device,
+        cfg.fast_path,
+        cfg.precision,
     )
     control_freq = cfg.control_freq or task_control_freq(runtime.cfg.task)
     server = PolicyServer(
