@@ -133,9 +133,10 @@ def forward_call(policy: DiffusionPolicy, batch: int, device: str | torch.device
     )
 
     @torch.no_grad()
-    def call():
-        policy.eps(x, t, cond)
+    def call() -> torch.Tensor:
+        eps = policy.eps(x, t, cond)
         _sync(device)
+        return eps  # returned: a compiled call must not drop the forward as dead code
 
     return call
 
