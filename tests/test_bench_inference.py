@@ -6,8 +6,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from dppo.bench_inference import ROW_COLUMNS, format_table, random_policy, run_bench_inference
+from dppo.bench_inference import (
+    ROW_COLUMNS,
+    format_table,
+    forward_call,
+    random_policy,
+    run_bench_inference,
+)
 from dppo.config import load_config
 from policies.checkpoint import save_policy
 
@@ -64,6 +71,11 @@ def test_rows_on_random_networks(tmp_path):
 
 
 def test_compiled_rows_also_time_the_compiled_network(tmp_path):
+    policy = random_policy(TINY, seed=0)
+    call = forward_call(policy, 2)
+    compiled = torch.compile(call, dynamic=False)  # as the bench does: the result is returned,
+    torch.testing.assert_close(compiled(), call())  # so the forward is not dead code
+    assert call().shape == (2, TINY["horizon"], TINY["action_dim"])
     run_bench_inference(bench_cfg(tmp_path, samplers=["ddim"], paths=["compiled"], clock="cpu"))
     (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert row["path"] == "compiled" and row["nfe_per_chunk"] == 10
