@@ -35,6 +35,9 @@ class ChunkSampler:
     eager_parts: tuple[str, ...] = ()
     """Attributes holding a ``DiffusionSampler`` that is never ``run`` as a chain (e.g. a one-call
     probe): ``policies.gpu.accelerate`` leaves them as they are."""
+    compiled_parts: tuple[str, ...] = ()
+    """Methods that are pure tensor functions of a call's hot path (random draws passed in):
+    ``policies.gpu.accelerate(mode="compile")`` compiles them too."""
 
     def __init__(self, diffusion: DiffusionSampler):
         self.diffusion = diffusion

@@ -215,20 +215,23 @@ def accelerate(
     precision: str = "fp32",
     memo: dict | None = None,
 ) -> ChunkSampler:
-    """Swap the chains of ``sampler`` (in place, also nested chunk samplers) for static chains.
+    """Swap the chains of ``sampler`` (in place, also nested chunk samplers) for static chains;
+    with ``mode="compile"`` also compile its ``compiled_parts``.
 
-    Streaming has no reverse chain to swap: with ``mode="compile"`` (fp32) its per-call
-    ``denoise_levels`` is compiled instead; other modes refuse it.
+    Streaming's steady-state call has no reverse chain to swap: it takes only ``mode="compile"``
+    (fp32), which compiles its ``advance_roll``; its first (cold) call stays eager.
     """
     if mode not in MODES:
         raise ValueError(f"unknown GPU mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if isinstance(sampler, StreamingChunkSampler) and (mode != "compile" or precision != "fp32"):
+        raise ValueError(
+            "the streaming sampler's per-action steps take only mode='compile' in fp32 "
+            "(graph capture and bf16 cover ddpm, ddim, rti and truncated)"
+        )
+    if mode == "compile":
+        for name in sampler.compiled_parts:
+            setattr(sampler, name, torch.compile(getattr(sampler, name), dynamic=False))
     if isinstance(sampler, StreamingChunkSampler):
-        if mode != "compile" or precision != "fp32":
-            raise ValueError(
-                "the streaming sampler's per-action steps take only mode='compile' in fp32 "
-                "(graph capture and bf16 cover ddpm, ddim, rti and truncated)"
-            )
-        sampler.denoise_levels = torch.compile(sampler.denoise_levels, dynamic=False)
         return sampler
     memo = {} if memo is None else memo
     for name, value in list(vars(sampler).items()):

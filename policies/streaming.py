@@ -209,6 +209,7 @@ class StreamingChunkSampler(ChunkSampler):
     name = STREAMING
     supports_guidance = False
     policy_types = (STREAMING,)
+    compiled_parts = ("advance_roll",)
 
     def __init__(self, policy: DiffusionPolicy, eta: float = 0.0):
         if policy.cfg.policy_type != STREAMING:
@@ -298,8 +299,11 @@ class StreamingChunkSampler(ChunkSampler):
             )
         n_warm = int(has.sum())
         if n_warm == len(has):  # steady state: the whole batch advances, no indexing
-            chunk, buffer = self.advance(policy, cond, state["buffer"], state["levels"], generator)
-            state["buffer"] = self.roll(buffer, cold=False, generator=generator)
+            buffer = state["buffer"]
+            self.check_levels(state["levels"])
+            noise = self.level_noise(buffer, generator)
+            fresh, renoise = self.roll_noise(buffer, False, generator)
+            chunk, state["buffer"] = self.advance_roll(policy, buffer, cond, noise, fresh, renoise)
             return ChainResult(x=chunk, chain=None, nfe=self.layout.levels_per_call)
         cfg = policy.cfg
         x = torch.empty(
@@ -346,17 +350,42 @@ class StreamingChunkSampler(ChunkSampler):
         Returns (chunk, buffer): the chunk holds the clean sub-chunk 0 (level 0) and the last x0
         prediction elsewhere; the buffer is the denoised one (sub-chunk j at level j*D), unrolled.
         """
-        const = self.constants(levels.device)
-        if not torch.equal(levels, const.pattern.expand_as(levels)):
+        self.check_levels(levels)
+        x, x0 = self.denoise_levels(policy, buffer, cond, self.level_noise(buffer, generator))
+        return torch.where(self.constants(x.device).clean, x, x0), x
+
+    def check_levels(self, levels: torch.Tensor) -> None:
+        """Raise if the state's levels (M, Tp) are not the pattern (a corrupted state)."""
+        pattern = self.constants(levels.device).pattern
+        if not torch.equal(levels, pattern.expand_as(levels)):
             raise RuntimeError(
                 f"streaming buffer levels {levels.tolist()} are not the pattern "
-                f"{const.pattern.tolist()}: the sampler state was corrupted"
+                f"{pattern.tolist()}: the sampler state was corrupted"
             )
-        noise = [
-            self.diffusion.draw_noise(buffer, generator) for *_, c in const.steps if c.stochastic
-        ]
+
+    def level_noise(
+        self, buffer: torch.Tensor, generator: torch.Generator | None
+    ) -> list[torch.Tensor]:
+        """One draw like ``buffer`` per stochastic level step of a call, in the eager order."""
+        steps = self.constants(buffer.device).steps
+        return [self.diffusion.draw_noise(buffer, generator) for *_, c in steps if c.stochastic]
+
+    def advance_roll(
+        self,
+        policy: DiffusionPolicy,
+        buffer: torch.Tensor,
+        cond: torch.Tensor,
+        noise: Sequence[torch.Tensor],
+        fresh: torch.Tensor,
+        renoise: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A steady-state call with its random draws given: (chunk, next buffer).
+
+        ``noise``: ``level_noise``; ``fresh`` / ``renoise``: ``roll_noise``. A pure tensor
+        function (``policies.gpu.accelerate(mode="compile")`` compiles it)."""
         x, x0 = self.denoise_levels(policy, buffer, cond, noise)
-        return torch.where(const.clean, x, x0), x
+        chunk = torch.where(self.constants(x.device).clean, x, x0)
+        return chunk, self.rolled(x, False, fresh, renoise)
 
     def denoise_levels(
         self,
@@ -368,7 +397,7 @@ class StreamingChunkSampler(ChunkSampler):
         """The D per-action transitions of a call on buffers x (M, Tp, Da) at the pattern, with
         ``noise`` drawn beforehand (one (M, Tp, Da) draw per stochastic step): (x, last x0).
 
-        A pure tensor function (``policies.gpu.accelerate`` may compile it)."""
+        A pure tensor function."""
         m, draws = x.shape[0], iter(noise)
         for t, _, _, c in self.constants(x.device).steps:
             eps = policy.eps(x, t.expand(m, -1), cond)
@@ -380,16 +409,28 @@ class StreamingChunkSampler(ChunkSampler):
         """Buffers after a call (M, Tp, Da) -> the next call's: shifted by Ta, fresh noise at
         level N appended, clean positions re-noised to their pattern level (all of them when
         ``cold``: the chunk of a first call is clean everywhere)."""
-        ta = self.layout.n_action_steps
-        fresh = torch.randn(
-            (x.shape[0], ta, x.shape[2]), generator=generator, device=x.device, dtype=x.dtype
-        )
-        x = torch.cat([x[:, ta:], fresh], dim=1)
-        const = self.constants(x.device)
-        if not const.renoises[cold]:
+        return self.rolled(x, cold, *self.roll_noise(x, cold, generator))
+
+    def roll_noise(
+        self, x: torch.Tensor, cold: bool, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``roll``'s draws for buffers like x (M, Tp, Da): fresh top-level noise (M, Ta, Da) and
+        the re-noising draw (M, Tp, Da), None when nothing is re-noised."""
+        shape = (x.shape[0], self.layout.n_action_steps, x.shape[2])
+        fresh = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+        if not self.constants(x.device).renoises[cold]:
+            return fresh, None
+        return fresh, torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    def rolled(
+        self, x: torch.Tensor, cold: bool, fresh: torch.Tensor, renoise: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``roll`` with its draws given (``roll_noise``)."""
+        x = torch.cat([x[:, self.layout.n_action_steps :], fresh], dim=1)
+        if renoise is None:
             return x
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        noised = torch.addcmul(const.sqrt_a_pattern * x, z, const.sqrt_1ma_pattern)
+        const = self.constants(x.device)
+        noised = torch.addcmul(const.sqrt_a_pattern * x, renoise, const.sqrt_1ma_pattern)
         return torch.where(const.renoise[cold], noised, x)
 
     def describe(self) -> dict:

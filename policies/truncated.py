@@ -158,6 +158,7 @@ class TruncatedChunkSampler(ChunkSampler):
 
     name = "truncated"
     eager_parts = ("probe",)
+    compiled_parts = ("start_from_anchor",)
 
     def __init__(
         self,
@@ -249,13 +250,21 @@ class TruncatedChunkSampler(ChunkSampler):
             device=cond.device,
             dtype=cond.dtype,
         )
-        rough = self.probe.predict_x0(z, policy.eps(z, self.probe.timesteps[0], cond), 0)
-        anchor = self.anchors_on(cond)[0].index_select(0, self.nearest_anchor(rough))
-        x = self.noise_anchor(anchor, self.diffusion.draw_noise(anchor, generator))
+        x = self.start_from_anchor(policy, z, self.diffusion.draw_noise(z, generator), cond)
         res = self.diffusion.run(
             policy.eps_fn(cond), x, cond, generator=generator, hooks=hooks, obs=obs
         )
         return ChainResult(x=res.x, chain=None, nfe=res.nfe + 1)
+
+    def start_from_anchor(
+        self, policy: DiffusionPolicy, z: torch.Tensor, z_anchor: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        """The chain's start (B, Tp, Da): the anchor nearest the probe's x0 from noise z, noised
+        with the draw ``z_anchor`` (both (B, Tp, Da)). One network call; a pure tensor function
+        (``policies.gpu.accelerate(mode="compile")`` compiles it)."""
+        rough = self.probe.predict_x0(z, policy.eps(z, self.probe.timesteps[0], cond), 0)
+        anchor = self.anchors_on(cond)[0].index_select(0, self.nearest_anchor(rough))
+        return self.noise_anchor(anchor, z_anchor)
 
     def _sample_all(self, policy, cond, generator, hooks, obs) -> ChainResult:
         """Denoise all k anchors per stream; keep the one that moved least."""

@@ -75,6 +75,17 @@ def test_compiled_chains_on_cpu_match_the_sampler():
     assert fast.warm.active_mode == fast.cold.diffusion.active_mode == "compile"
 
 
+def test_compiled_truncated_matches_the_sampler():
+    """The anchor choice (probe network, nearest anchor, noising) and the 2-step chain."""
+    policy = random_policy(TINY, seed=0)
+    options = dict(SAMPLERS[-1][1])
+    ref = chunks(policy, build_chunk_sampler("truncated", policy, **options))
+    fast = accelerate(build_chunk_sampler("truncated", policy, **options), policy, mode="compile")
+    for a, b in zip(ref, chunks(policy, fast), strict=True):
+        np.testing.assert_allclose(a.chunk, b.chunk, rtol=1e-4, atol=1e-5)
+    assert fast.diffusion.active_mode == "compile"
+
+
 def test_compiled_streaming_levels_match_the_sampler():
     policy = random_policy({**TINY, "num_train_steps": 6}, "streaming", seed=0)  # D = 3
     options = {"eta": 0.5}  # noise drawn before the compiled call, in the eager order
