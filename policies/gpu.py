@@ -154,7 +154,8 @@ class StaticChain:
             if self._compiled is None:
                 options = {"mode": "reduce-overhead"} if cuda else {}
                 self._compiled = torch.compile(self.chain, dynamic=False, **options)
-            return self._compiled(start, x, cond, noise).clone()
+            out = self._compiled(start, x, cond, noise)
+            return out.clone() if cuda else out  # CUDA graphs reuse their output buffers
         return self._replay(start, x, cond, noise)
 
     def _replay(

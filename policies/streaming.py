@@ -187,7 +187,8 @@ class StreamingConstants:
     ``pattern`` (Tp,) levels before a call; ``steps`` see ``steps_on``; ``clean`` (Tp, 1) the
     positions clean after a call; ``renoise[cold]`` (Tp, 1) the positions ``roll`` re-noises
     (``renoises[cold]``: any at all); ``sqrt_a_pattern`` / ``sqrt_1ma_pattern`` (Tp, 1) q(x_t |
-    x_0) at each position's pattern level.
+    x_0) at each position's pattern level; ``first_levels[c]``: step c's timestep of position 0
+    (what ``DiffusionPolicy.eps`` reads to pick the network).
     """
 
     pattern: torch.Tensor
@@ -197,6 +198,7 @@ class StreamingConstants:
     renoises: dict[bool, bool]
     sqrt_a_pattern: torch.Tensor
     sqrt_1ma_pattern: torch.Tensor
+    first_levels: list[int]
 
 
 class StreamingChunkSampler(ChunkSampler):
@@ -257,6 +259,7 @@ class StreamingChunkSampler(ChunkSampler):
                 renoises={cold: bool(m.any()) for cold, m in self.renoise.items()},
                 sqrt_a_pattern=a_pattern.sqrt(),
                 sqrt_1ma_pattern=(1 - a_pattern).sqrt(),
+                first_levels=[int(t[0]) for t, *_ in steps],
             )
         return self._constants[key]
 
@@ -398,9 +401,10 @@ class StreamingChunkSampler(ChunkSampler):
         ``noise`` drawn beforehand (one (M, Tp, Da) draw per stochastic step): (x, last x0).
 
         A pure tensor function."""
-        m, draws = x.shape[0], iter(noise)
-        for t, _, _, c in self.constants(x.device).steps:
-            eps = policy.eps(x, t.expand(m, -1), cond)
+        const, m, draws = self.constants(x.device), x.shape[0], iter(noise)
+        for (t, _, _, c), first in zip(const.steps, const.first_levels, strict=True):
+            # the network as policy.eps picks it, without reading t back (no host sync)
+            eps = policy.network_for(first)(x, t.expand(m, -1), cond)
             mean, x0 = gaussian_transition(self.schedule, c, x, eps, eps)
             x = mean + c.std * next(draws) if c.stochastic else mean
         return x, x0

@@ -158,7 +158,7 @@ class TruncatedChunkSampler(ChunkSampler):
 
     name = "truncated"
     eager_parts = ("probe",)
-    compiled_parts = ("start_from_anchor",)
+    compiled_parts = ("anchored_chunk",)
 
     def __init__(
         self,
@@ -250,18 +250,42 @@ class TruncatedChunkSampler(ChunkSampler):
             device=cond.device,
             dtype=cond.dtype,
         )
-        x = self.start_from_anchor(policy, z, self.diffusion.draw_noise(z, generator), cond)
+        z_anchor = self.diffusion.draw_noise(z, generator)
+        nfe = self.diffusion.n_steps + 1
+        if not hooks and getattr(self.diffusion, "mode", None) == "compile":
+            # a compiled static chain (policies.gpu): anchor choice and chain in one call
+            steps = self.diffusion.step_table(z).steps
+            self.probe.step_table(z)  # tables are built outside: building reads values back
+            noise = [self.diffusion.draw_noise(z, generator) for c in steps if c.stochastic]
+            with torch.no_grad():
+                x = self.anchored_chunk(policy, z, z_anchor, cond, noise)
+            return ChainResult(x=x, chain=None, nfe=nfe)
+        x = self.start_from_anchor(policy, z, z_anchor, cond)
         res = self.diffusion.run(
             policy.eps_fn(cond), x, cond, generator=generator, hooks=hooks, obs=obs
         )
-        return ChainResult(x=res.x, chain=None, nfe=res.nfe + 1)
+        return ChainResult(x=res.x, chain=None, nfe=nfe)
+
+    def anchored_chunk(
+        self,
+        policy: DiffusionPolicy,
+        z: torch.Tensor,
+        z_anchor: torch.Tensor,
+        cond: torch.Tensor,
+        noise: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """``start_from_anchor`` then the static chain's steps (``self.diffusion`` is a
+        ``policies.gpu.StaticChain``; ``noise``: one draw per stochastic step): the clean chunk
+        (B, Tp, Da). A pure tensor function, compiled as one by ``accelerate(mode="compile")``."""
+        return self.diffusion.chain(
+            0, self.start_from_anchor(policy, z, z_anchor, cond), cond, noise
+        )
 
     def start_from_anchor(
         self, policy: DiffusionPolicy, z: torch.Tensor, z_anchor: torch.Tensor, cond: torch.Tensor
     ) -> torch.Tensor:
         """The chain's start (B, Tp, Da): the anchor nearest the probe's x0 from noise z, noised
-        with the draw ``z_anchor`` (both (B, Tp, Da)). One network call; a pure tensor function
-        (``policies.gpu.accelerate(mode="compile")`` compiles it)."""
+        with the draw ``z_anchor`` (both (B, Tp, Da)). One network call."""
         rough = self.probe.predict_x0(z, policy.eps(z, self.probe.timesteps[0], cond), 0)
         anchor = self.anchors_on(cond)[0].index_select(0, self.nearest_anchor(rough))
         return self.noise_anchor(anchor, z_anchor)
