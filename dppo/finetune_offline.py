@@ -72,6 +72,7 @@ def check_compatible(cfg: DictConfig) -> None:
     require(
         im.success_steps >= 1, f"imagination.success_steps must be >= 1, got {im.success_steps}"
     )
+    require(im.halt_penalty >= 0, f"imagination.halt_penalty must be >= 0, got {im.halt_penalty}")
     if im.halt_quantile is not None:
         require(
             doc.get("ensemble") is not None,

@@ -497,6 +497,7 @@ def test_halting_offline_run_uses_the_calibrated_quantile(pretrained_run, wm_run
         ("imagination.success_steps=0", "imagination.success_steps must be >= 1"),
         ("imagination.max_episode_steps=0", "imagination.max_episode_steps must be > 0"),
         ("imagination.start_states=nowhere", "imagination.start_states must be one of"),
+        ("imagination.halt_penalty=-1", "imagination.halt_penalty must be >= 0"),
         ("imagination.halt_quantile=0.42", r"not a calibrated quantile.*one of \[0.5, 0.9"),
     ],
 )
