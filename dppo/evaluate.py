@@ -20,6 +20,7 @@ class EvalResult:
     mean_length: float
     ms_per_chunk: float
     nfe_per_chunk: float
+    """Network evaluations per chunk of one env (a starting episode's full chain included)."""
     sim_faults: int
 
     def to_dict(self) -> dict:
@@ -69,7 +70,7 @@ def evaluate(
     while len(returns) < n_episodes:
         res = runtime.act({spec.obs_key: obs})
         chunk_ms.append(res.ms)
-        chunk_nfe.append(res.nfe)
+        chunk_nfe.append(res.nfe_per_stream)
         obs, reward, terminated, truncated, info = venv.step(res.actions)
         ep_return += reward
         ep_len += 1

@@ -153,7 +153,10 @@ class RTIChunkSampler(ChunkSampler):
             policy, cond[warm], state["prev"][warm], generator, hooks, rows(obs, warm)
         )
         x[warm] = res_warm.x
-        return ChainResult(x=x, chain=None, nfe=res_cold.nfe + res_warm.nfe)
+        per_stream = (len(cold) * res_cold.nfe + len(warm) * res_warm.nfe) / len(has)
+        return ChainResult(
+            x=x, chain=None, nfe=res_cold.nfe + res_warm.nfe, nfe_per_stream=per_stream
+        )
 
     def warm_sample(
         self,

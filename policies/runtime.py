@@ -27,7 +27,9 @@ class ActResult:
 
     actions: (B, Ta, Da) env units, the slice to execute. chunk: (B, Tp, Da) env units.
     chain: (B, K+1, Tp, Da) normalised samples of the recorded denoising steps, or None.
-    cond: (B, Dc) conditioning used. nfe: network evaluations. ms: wall time of the call.
+    cond: (B, Dc) conditioning used. nfe: network evaluations (a batched call counts once).
+    ms: wall time of the call. nfe_per_stream: one stream's share, averaged over the batch (differs
+    from nfe when warm-started streams and starting episodes share a call).
     """
 
     actions: np.ndarray
@@ -36,6 +38,7 @@ class ActResult:
     cond: torch.Tensor
     nfe: int
     ms: float
+    nfe_per_stream: float
 
 
 class PolicyRuntime:
@@ -114,7 +117,7 @@ class PolicyRuntime:
         s = self.cfg.action_start
         actions = self.sampler.postprocess(chunk[:, s : s + self.cfg.n_action_steps])
         ms = (time.perf_counter() - start) * 1e3
-        return ActResult(actions, chunk, result.chain, cond, result.nfe, ms)
+        return ActResult(actions, chunk, result.chain, cond, result.nfe, ms, result.stream_nfe)
 
     def step(self, obs: dict[str, np.ndarray], reset: np.ndarray | None = None) -> ActResult:
         """Push one observation {key: (B, *shape)} into the history and act.

@@ -48,12 +48,20 @@ class ChainResult:
     """Output of one reverse chain.
 
     ``x``: (B, Tp, Da) final sample. ``chain``: (B, K+1, Tp, Da) samples before and after each
-    recorded step (None unless recording). ``nfe``: network evaluations spent.
+    recorded step (None unless recording). ``nfe``: network evaluations spent (a batched call
+    counts once). ``nfe_per_stream``: what one stream's chunk cost, averaged over the batch, when
+    streams cost different amounts (a warm-started batch with a starting episode); None: ``nfe``.
     """
 
     x: torch.Tensor
     chain: torch.Tensor | None
     nfe: int
+    nfe_per_stream: float | None = None
+
+    @property
+    def stream_nfe(self) -> float:
+        """Network evaluations per stream of this call (see ``nfe_per_stream``)."""
+        return float(self.nfe if self.nfe_per_stream is None else self.nfe_per_stream)
 
 
 @dataclass(frozen=True)

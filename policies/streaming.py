@@ -338,7 +338,8 @@ class StreamingChunkSampler(ChunkSampler):
         state["buffer"] = buffers
         state["levels"] = self.constants(cond.device).pattern.repeat(len(has), 1)
         state["has_buffer"] = torch.ones_like(has)
-        return ChainResult(x=x, chain=None, nfe=nfe)
+        per_stream = (len(cold) * res.nfe + n_warm * self.layout.levels_per_call) / len(has)
+        return ChainResult(x=x, chain=None, nfe=nfe, nfe_per_stream=per_stream)
 
     def advance(
         self,

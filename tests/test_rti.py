@@ -91,7 +91,10 @@ def test_warm_calls_use_the_short_step_list_and_reset_restarts(policy):
     assert bool(runtime.state["has_prev"].all())
     runtime.reset(np.array([True, False, False]))
     assert runtime.state["has_prev"].tolist() == [False, True, True]
-    assert runtime.act(obs).nfe == 10 + 3  # one cold stream, two warm ones
+    mixed = runtime.act(obs)
+    assert mixed.nfe == 10 + 3  # one cold stream, two warm ones: two sub-batches
+    assert mixed.nfe_per_stream == pytest.approx((10 + 2 * 3) / 3)  # what a stream cost
+    assert runtime.act(obs).nfe_per_stream == 3
     runtime.reset()
     assert not bool(runtime.state["has_prev"].any())
 

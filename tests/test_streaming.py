@@ -108,7 +108,8 @@ def test_first_call_then_steady_state_and_reset():
     assert runtime.act(obs).nfe == 2
     runtime.reset(np.array([False, True]))
     assert runtime.state["has_buffer"].tolist() == [True, False]
-    assert runtime.act(obs).nfe == N_TRAIN + 2
+    mixed = runtime.act(obs)
+    assert mixed.nfe == N_TRAIN + 2 and mixed.nfe_per_stream == (N_TRAIN + 2) / 2
     assert runtime.state["has_buffer"].tolist() == [True, True]
 
 
