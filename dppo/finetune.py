@@ -355,7 +355,7 @@ class GaussianRuntime:
         start = time.perf_counter()
         actions, _ = self.actor.act(obs, deterministic=True)
         ms = (time.perf_counter() - start) * 1e3
-        return SimpleNamespace(actions=actions, ms=ms, nfe=1)
+        return SimpleNamespace(actions=actions, ms=ms, nfe=1, nfe_per_stream=1.0)
 
 
 def eval_runtime(learner: Learner, cfg: DictConfig, n_envs: int, seed: int):
