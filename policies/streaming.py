@@ -162,24 +162,6 @@ def level_coefficients(a: torch.Tensor, a_prev: torch.Tensor, eta: float) -> Ste
     )
 
 
-def level_transition(
-    schedule: NoiseSchedule,
-    x: torch.Tensor,
-    eps: torch.Tensor,
-    a: torch.Tensor,
-    a_prev: torch.Tensor,
-    eta: float,
-):
-    """Per-action DDIM step from alpha-bar ``a`` to ``a_prev`` (``level_alphas``): (mean, std, x0).
-
-    x, eps, mean, x0: (B, Tp, Da); a, a_prev, std: (B or 1, Tp, 1); std is zero where a_prev = 1
-    (the step to clean).
-    """
-    c = level_coefficients(a, a_prev, eta)
-    mean, x0 = gaussian_transition(schedule, c, x, eps, eps)
-    return mean, c.std, x0
-
-
 @dataclass(frozen=True)
 class StreamingConstants:
     """What every steady-state call of a ``StreamingChunkSampler`` reuses, on one device.
@@ -355,8 +337,7 @@ class StreamingChunkSampler(ChunkSampler):
         prediction elsewhere; the buffer is the denoised one (sub-chunk j at level j*D), unrolled.
         """
         self.check_levels(levels)
-        x, x0 = self.denoise_levels(policy, buffer, cond, self.level_noise(buffer, generator))
-        return torch.where(self.constants(x.device).clean, x, x0), x
+        return self.advanced(policy, buffer, cond, self.level_noise(buffer, generator))
 
     def check_levels(self, levels: torch.Tensor) -> None:
         """Raise if the state's levels (M, Tp) are not the pattern (a corrupted state)."""
@@ -387,9 +368,19 @@ class StreamingChunkSampler(ChunkSampler):
 
         ``noise``: ``level_noise``; ``fresh`` / ``renoise``: ``roll_noise``. A pure tensor
         function (``policies.gpu.accelerate(mode="compile")`` compiles it)."""
-        x, x0 = self.denoise_levels(policy, buffer, cond, noise)
-        chunk = torch.where(self.constants(x.device).clean, x, x0)
+        chunk, x = self.advanced(policy, buffer, cond, noise)
         return chunk, self.rolled(x, False, fresh, renoise)
+
+    def advanced(
+        self,
+        policy: DiffusionPolicy,
+        buffer: torch.Tensor,
+        cond: torch.Tensor,
+        noise: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``advance`` with its draws given and the levels already checked: (chunk, buffer)."""
+        x, x0 = self.denoise_levels(policy, buffer, cond, noise)
+        return torch.where(self.constants(x.device).clean, x, x0), x
 
     def denoise_levels(
         self,

@@ -10,11 +10,11 @@ from dppo.bench_inference import random_obs, random_policy
 from dppo.config import load_config
 from policies.chunk_samplers import build_chunk_sampler
 from policies.runtime import PolicyRuntime
+from policies.samplers import gaussian_transition
 from policies.streaming import (
     StreamingChunkSampler,
     StreamingLayout,
     level_alphas,
-    level_transition,
     training_levels,
 )
 
@@ -63,12 +63,13 @@ def test_executed_actions_are_noise_free():
     executed = slice(0, layout.n_obs_steps - 1 + layout.n_action_steps)
     steps = sampler.steps_on("cpu")
     assert len(steps) == layout.levels_per_call
-    last_t, last_a, last_a_prev, _ = steps[-1]
+    last_t, last_a, last_a_prev, last_c = steps[-1]
     assert bool((last_t[executed] == 0).all()) and bool((last_t[executed.stop :] > 0).all())
     assert bool((last_a_prev[executed] == 1).all())
     # eta=1: the step into level 0 adds no noise, so the executed slice is the x0 prediction
     x, eps = torch.randn(1, 8, 2), torch.randn(1, 8, 2)
-    mean, std, x0 = level_transition(policy.schedule, x, eps, last_a, last_a_prev, eta=1.0)
+    mean, x0 = gaussian_transition(policy.schedule, last_c, x, eps, eps)
+    std = last_c.std
     assert float(std[executed].abs().max()) == 0.0
     assert bool((std[executed.stop :] > 0).all())
     torch.testing.assert_close(mean[:, executed], x0[:, executed], rtol=0, atol=0)
