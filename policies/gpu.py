@@ -43,6 +43,18 @@ WARMUP_ITERS = 3
 """Eager runs on a side stream before capture (cuDNN/cuBLAS handles, autotuning)."""
 
 
+def check_fast_path(fast_path: str | None, precision: str = "fp32", optional: bool = True) -> None:
+    """Raise a ValueError naming the valid values for a bad ``fast_path`` / ``precision``
+    (``optional``: None, no fast path, is valid too)."""
+    if fast_path not in MODES and not (optional and fast_path is None):
+        also = " (or null: the sampler as built)" if optional else ""
+        raise ValueError(f"unknown fast_path {fast_path!r}; valid modes: {', '.join(MODES)}{also}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if fast_path is None and precision != "fp32":
+        raise ValueError(f"precision={precision} needs a fast_path (eager, graph or compile)")
+
+
 def _cast_network(net: nn.Module, dtype: torch.dtype, memo: dict) -> nn.Module:
     if dtype == torch.float32:
         return net
@@ -67,10 +79,7 @@ class StaticChain:
         precision: str = "fp32",
         memo: dict | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"unknown GPU mode {mode!r}; valid modes: {', '.join(MODES)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        check_fast_path(mode, precision, optional=False)
         memo = {} if memo is None else memo
         self.sampler = sampler
         self.mode, self.precision = mode, precision
@@ -132,11 +141,18 @@ class StaticChain:
                 obs=obs,
                 record_from=record_from,
             )
-        steps = self.sampler.step_table(x).steps[start:]
-        noise = [self.sampler.draw_noise(x, generator) for c in steps if c.stochastic]
+        noise = self.chain_noise(x, generator, start)
         with torch.no_grad():
             out = self._execute(start, x, cond, noise)
         return ChainResult(x=out, chain=None, nfe=self.sampler.n_steps - start)
+
+    def chain_noise(
+        self, x: torch.Tensor, generator: torch.Generator | None, start: int = 0
+    ) -> list[torch.Tensor]:
+        """The draws ``chain`` takes from step ``start`` on (one like x per stochastic step), in
+        the order the sampler's own ``run`` draws them; builds the step table outside ``chain``."""
+        steps = self.sampler.step_table(x).steps[start:]
+        return [self.sampler.draw_noise(x, generator) for c in steps if c.stochastic]
 
     def _execute(
         self, start: int, x: torch.Tensor, cond: torch.Tensor, noise: list[torch.Tensor]
@@ -188,19 +204,6 @@ class StaticChain:
         return graph, static_x, static_cond, static_noise, out
 
 
-def check_fast_path(fast_path: str | None, precision: str = "fp32") -> None:
-    """Raise a ValueError naming the valid values for a bad ``fast_path`` / ``precision``."""
-    if fast_path is not None and fast_path not in MODES:
-        raise ValueError(
-            f"unknown fast_path {fast_path!r}; valid: {', '.join(MODES)} (or null: the sampler "
-            "as built)"
-        )
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    if fast_path is None and precision != "fp32":
-        raise ValueError(f"precision={precision} needs a fast_path (eager, graph or compile)")
-
-
 def apply_fast_path(
     sampler: ChunkSampler, policy: DiffusionPolicy, fast_path: str | None, precision: str = "fp32"
 ) -> ChunkSampler:
@@ -222,8 +225,7 @@ def accelerate(
     Streaming's steady-state call has no reverse chain to swap: it takes only ``mode="compile"``
     (fp32), which compiles its ``advance_roll``; its first (cold) call stays eager.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown GPU mode {mode!r}; valid modes: {', '.join(MODES)}")
+    check_fast_path(mode, precision, optional=False)
     if isinstance(sampler, StreamingChunkSampler) and (mode != "compile" or precision != "fp32"):
         raise ValueError(
             "the streaming sampler's per-action steps take only mode='compile' in fp32 "

@@ -254,9 +254,8 @@ class TruncatedChunkSampler(ChunkSampler):
         nfe = self.diffusion.n_steps + 1
         if not hooks and getattr(self.diffusion, "mode", None) == "compile":
             # a compiled static chain (policies.gpu): anchor choice and chain in one call
-            steps = self.diffusion.step_table(z).steps
             self.probe.step_table(z)  # tables are built outside: building reads values back
-            noise = [self.diffusion.draw_noise(z, generator) for c in steps if c.stochastic]
+            noise = self.diffusion.chain_noise(z, generator)
             with torch.no_grad():
                 x = self.anchored_chunk(policy, z, z_anchor, cond, noise)
             return ChainResult(x=x, chain=None, nfe=nfe)
