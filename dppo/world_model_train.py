@@ -402,6 +402,13 @@ def train_rssm(
     return initial, record
 
 
+def log_losses(run: RunDir, name: str, losses: list[float], every: int) -> None:
+    """Log a finished fit's per-step ``losses`` as ``<name>_step`` / ``<name>_loss`` records,
+    one mean per ``every`` steps."""
+    for s in range(every, len(losses) + 1, every):
+        run.log({f"{name}_step": s, f"{name}_loss": float(np.mean(losses[s - every : s]))})
+
+
 def train_world_model(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate and save; returns the summary written to ``<run>/summary.json``."""
     validate(cfg)
@@ -498,10 +505,7 @@ def train_world_model(cfg: DictConfig) -> dict[str, Any]:
         )
     )
     losses = fit_classifier(classifier, features, train_labels, c.steps, c.batch_size, c.lr, gen)
-    for s in range(t.log_every, c.steps + 1, t.log_every):
-        run.log(
-            {"classifier_step": s, "classifier_loss": float(np.mean(losses[s - t.log_every : s]))}
-        )
+    log_losses(run, "classifier", losses, t.log_every)
     ensemble = None
     if e.n_heads > 0:  # the disagreement ensemble, on the same filtered states
         ensemble = PriorEnsemble(
@@ -511,13 +515,7 @@ def train_world_model(cfg: DictConfig) -> dict[str, Any]:
         )
         posterior = (feats["deter"], feats["post_mean"], feats["post_std"])
         ensemble_losses = fit_prior_ensemble(ensemble, *posterior, e.steps, e.batch_size, e.lr, gen)
-        for s in range(t.log_every, e.steps + 1, t.log_every):
-            run.log(
-                {
-                    "ensemble_step": s,
-                    "ensemble_loss": float(np.mean(ensemble_losses[s - t.log_every : s])),
-                }
-            )
+        log_losses(run, "ensemble", ensemble_losses, t.log_every)
     meta["step"] = t.steps
     save_world_model(run.checkpoints / LATEST, model, start_obs, classifier, meta, ensemble)
 
