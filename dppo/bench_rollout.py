@@ -143,13 +143,6 @@ def run_bench_rollout(cfg: DictConfig) -> dict[str, Any]:
             runner.close()
             figures["env_steps_per_s_per_worker"] = round(figures["env_steps_per_s"] / n, 1)
             settings[f"ray_{n}"] = {"workers_start_s": round(startup, 2), **figures}
-        one = settings.get("ray_1")
-        for n in cfg.workers:  # against n x one worker's rate: 1.0 is linear scaling
-            if one is not None and n != 1:
-                ideal = n * one["env_steps_per_s"]
-                settings[f"ray_{n}"]["scaling_efficiency"] = round(
-                    settings[f"ray_{n}"]["env_steps_per_s"] / ideal, 3
-                )
         if owns_ray:
             ray.shutdown()
     update_s = _update_time(learner, last, a)
@@ -163,6 +156,11 @@ def run_bench_rollout(cfg: DictConfig) -> dict[str, Any]:
     )
     one = settings.get("ray_1")
     if one is not None:
+        for n in cfg.workers:  # against n x one worker's rate: 1.0 is linear scaling
+            if n != 1:
+                row = settings[f"ray_{n}"]
+                ideal = n * one["env_steps_per_s"]
+                row["scaling_efficiency"] = round(row["env_steps_per_s"] / ideal, 3)
         result["projected_env_steps_per_s"] = project_scale_out(
             one["worker_env_steps_per_s"],
             one["env_steps_per_iteration"],
