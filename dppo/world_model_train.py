@@ -456,6 +456,8 @@ def train_world_model(cfg: DictConfig) -> dict[str, Any]:
             kl_balance=m.kl_balance,
             free_nats=m.free_nats,
             kl_scale=m.kl_scale,
+            open_loop_scale=m.open_loop_scale,
+            decode_delta=m.decode_delta,
             static_dims=find_static_dims(dataset, obs_key) if m.pin_static_dims else [],
         )
     )

@@ -28,7 +28,7 @@ from world_models.classifier import (
 from world_models.ensemble import EnsembleConfig, PriorEnsemble, fit_prior_ensemble
 from world_models.imagined_env import make_imagined_vec_env
 from world_models.labels import point_reach_success
-from world_models.rssm import WorldModel, WorldModelConfig
+from world_models.rssm import LatentState, WorldModel, WorldModelConfig
 
 TINY_WM = [
     "model.deter_dim=32",
@@ -185,6 +185,27 @@ def test_imagined_vec_env_meets_the_same_contract(wm_run):
     assert np.all(info["final_info"]["n_executed"] == 2)
 
 
+def test_open_loop_trained_delta_world_model_trains_and_imagines(play_data, tmp_path):
+    out = tmp_path / "wm"
+    overrides = [
+        f"dataset={play_data}",
+        f"out={out}",
+        *TINY_WM,
+        "model.open_loop_scale=1.0",
+        "model.decode_delta=true",
+        "classifier.imagined_starts=2",
+        "ensemble.n_heads=0",
+    ]
+    train_world_model(load_config("train-world-model", overrides))
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    open_loop = [r["open_loop"] for r in metrics if "open_loop" in r]
+    assert len(open_loop) == 5 and open_loop[-1] < open_loop[0]
+    bundle = load_world_model(out)
+    assert bundle.model.cfg.decode_delta and bundle.model.cfg.open_loop_scale == 1.0
+    venv = make_imagined_vec_env(bundle, "point_reach", 3, 2, 4, max_episode_steps=10, seed=0)
+    assert check_vector_env(venv, 10, n_chunks=8) >= 3
+
+
 def test_imagined_episodes_halt_where_the_ensemble_disagrees(wm_run):
     bundle = load_world_model(wm_run)
     zeros = np.zeros((3, 4, 2), np.float32)
@@ -243,6 +264,60 @@ def test_disagreement_ensemble_is_trained_calibrated_and_saved(wm_run, play_data
     again = load_world_model(tmp_path / "ck").ensemble
     assert again.cfg == ensemble.cfg
     torch.testing.assert_close(again.disagreement(deter), ensemble.disagreement(deter))
+
+
+def test_open_loop_loss_scores_exactly_what_imagination_predicts():
+    torch.manual_seed(0)
+    cfg = WorldModelConfig("point_reach", "state", 6, 2, 16, 4, 16, kl_scale=0.5)
+    model = WorldModel(cfg)
+    obs, actions = torch.randn(3, 7, 6), torch.rand(3, 7, 2) * 2 - 1
+    model.fit_normalizer(obs.flatten(0, 1).numpy(), actions.flatten(0, 1).numpy())
+    start = model.encode_start(obs[:, 0], torch.Generator().manual_seed(1))
+    error = model.open_loop_error(start, obs, actions, torch.Generator().manual_seed(2))
+    # the imagined env's path: encode the first observation, then prior steps under the actions
+    gen = torch.Generator().manual_seed(1)
+    state = model.encode_start(obs[:, 0], gen)
+    gen.manual_seed(2)
+    sq = []
+    for t in range(1, 7):
+        state = model.imagine_step(state, actions[:, t - 1], gen)
+        pred = model.normalizer.normalize("state", model.decode_obs(state))
+        sq.append(0.5 * ((pred - model.normalizer.normalize("state", obs[:, t])) ** 2).sum(-1))
+    torch.testing.assert_close(error, torch.stack(sq, 1).mean(), rtol=1e-5, atol=1e-6)
+    plain, parts = model.loss(obs, actions, torch.Generator().manual_seed(4))
+    assert "open_loop" not in parts  # off by default: the filtering loss alone
+    model.cfg.open_loop_scale = 2.0
+    with_term, parts = model.loss(obs, actions, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(with_term - plain, torch.tensor(2.0 * parts["open_loop"]))
+    with pytest.raises(ValueError, match="open_loop_scale"):
+        WorldModelConfig("point_reach", "state", 6, 2, open_loop_scale=-1.0)
+
+
+def test_delta_decoder_decodes_changes_since_the_first_observation():
+    torch.manual_seed(0)
+    cfg = WorldModelConfig("point_reach", "state", 6, 2, 16, 4, 16, decode_delta=True)
+    model = WorldModel(cfg)
+    obs, actions = torch.randn(3, 5, 6), torch.rand(3, 5, 2) * 2 - 1
+    model.fit_normalizer(obs.flatten(0, 1).numpy(), actions.flatten(0, 1).numpy())
+    seq = model.observe(obs, actions, sample=False)
+    state = LatentState(seq["deter"][:, 2], seq["stoch"][:, 2])
+    change = model.decoder(state.feature())
+    norm = model.normalizer.normalize("state", obs[:, 0]) + change
+    torch.testing.assert_close(
+        model.decode_obs(state, obs[:, 0]), model.normalizer.unnormalize("state", norm)
+    )
+    with pytest.raises(ValueError, match="first_obs"):
+        model.decode_obs(state)
+    # the decoder is trained towards the change since the window's first step (zero there)
+    torch.nn.init.zeros_(model.decoder[-1].weight)
+    torch.nn.init.zeros_(model.decoder[-1].bias)
+    torch.testing.assert_close(model.decode_obs(state, obs[:, 0]), obs[:, 0], atol=1e-5, rtol=0)
+    target = model._decoder_target(obs)
+    assert float(target[:, 0].abs().max()) == 0.0
+    normalize = model.normalizer.normalize
+    torch.testing.assert_close(
+        target[:, 3], normalize("state", obs[:, 3]) - normalize("state", obs[:, 0])
+    )
 
 
 def test_prior_ensemble_fits_a_known_posterior():

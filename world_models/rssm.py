@@ -11,9 +11,19 @@ read::
 
 Loss per step: reconstruction (0.5 squared error summed over dims) + ``kl_scale`` x balanced KL
 (DreamerV2): ``kl_balance * KL(sg(q) || p) + (1 - kl_balance) * KL(q || sg(p))``, each term clipped
-below at ``free_nats``. Observations and actions are normalised to [-1, 1] by a ``Normalizer``
+below at ``free_nats``; plus ``open_loop_scale`` x the same squared error of an *open-loop*
+rollout: from the window's first step (filtered exactly as ``encode_start`` does at an imagined
+episode's start) the prior alone is rolled under the window's real actions and decoded. The
+filtering terms alone train the prior only through a weak KL, so imagined states drift from real
+ones within a few steps; this term trains what imagination does (observation overshooting, as
+PlaNet's latent overshooting does in latent space). Observations and actions are normalised to [-1, 1] by a ``Normalizer``
 fitted on the training data and saved with the weights; the public methods take and return env
 units.
+
+With ``decode_delta`` the decoder predicts the change of the (normalised) observation since the
+sequence's first observation, which the imagined env always has (the real observation an episode
+starts from): the start is then exact, instead of being squeezed through one posterior step, and
+the model spends its capacity on how observations change.
 
 ``static_dims`` are observation dims that never change within an episode of the training data
 (e.g. ``point_reach``'s goal). The decoder still reconstructs them, but ``decode_obs`` copies them
@@ -47,11 +57,15 @@ class WorldModelConfig:
     kl_balance: float = 0.8
     free_nats: float = 1.0
     kl_scale: float = 1.0
+    open_loop_scale: float = 0.0
+    decode_delta: bool = False
     static_dims: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         if not 0.0 <= self.kl_balance <= 1.0:
             raise ValueError(f"kl_balance must be in [0, 1], got {self.kl_balance}")
+        if self.open_loop_scale < 0:
+            raise ValueError(f"open_loop_scale must be >= 0, got {self.open_loop_scale}")
         if min(self.obs_dim, self.action_dim, self.deter_dim, self.stoch_dim) < 1:
             raise ValueError("obs_dim, action_dim, deter_dim and stoch_dim must be >= 1")
         self.static_dims = sorted(int(d) for d in self.static_dims)
@@ -193,9 +207,22 @@ class WorldModel(nn.Module):
         state, _ = self._observe_step(self.initial(b), no_action, embed, generator, sample)
         return state
 
+    def _decoder_target(self, obs: torch.Tensor) -> torch.Tensor:
+        """What the decoder predicts for sequences obs (B, L, D): the normalised observations, or
+        with ``decode_delta`` their change since obs[:, 0]."""
+        target = self._norm_obs(obs)
+        return target - target[:, :1] if self.cfg.decode_delta else target
+
     def decode_obs(self, state: LatentState, first_obs: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoded observation mean (B, D) in env units; static dims copied from ``first_obs``."""
-        obs = self.normalizer.unnormalize(self.cfg.obs_key, self.decoder(state.feature()))
+        """Decoded observation mean (B, D) in env units; static dims copied from ``first_obs``
+        (B, D), the observation the imagined sequence started from (required with
+        ``decode_delta``)."""
+        out = self.decoder(state.feature())
+        if self.cfg.decode_delta:
+            if first_obs is None:
+                raise ValueError("a world model with decode_delta decodes relative to first_obs")
+            out = out + self._norm_obs(first_obs.to(out))
+        obs = self.normalizer.unnormalize(self.cfg.obs_key, out)
         if first_obs is not None and self.cfg.static_dims:
             obs = obs.clone()
             obs[:, self.cfg.static_dims] = first_obs[:, self.cfg.static_dims].to(obs)
@@ -243,7 +270,7 @@ class WorldModel(nn.Module):
         """Mean per-step loss on sequences obs (B, L, D), actions (B, L, Da) and its parts."""
         seq = self.observe(obs, actions, generator)
         recon_mean = self.decoder(torch.cat([seq["deter"], seq["stoch"]], -1))
-        recon = 0.5 * ((recon_mean - self._norm_obs(obs)) ** 2).sum(-1)
+        recon = 0.5 * ((recon_mean - self._decoder_target(obs)) ** 2).sum(-1)
         post = (seq["post_mean"], seq["post_std"])
         prior = (seq["prior_mean"], seq["prior_std"])
         sg = [x.detach() for x in (*post, *prior)]
@@ -254,7 +281,29 @@ class WorldModel(nn.Module):
             1 - self.cfg.kl_balance
         ) * kl_post.clamp(min=free)
         loss = (recon + self.cfg.kl_scale * balanced).mean()
-        return loss, {"recon": recon.mean().item(), "kl": kl_post.mean().item()}
+        parts = {"recon": recon.mean().item(), "kl": kl_post.mean().item()}
+        if self.cfg.open_loop_scale > 0:
+            start = LatentState(seq["deter"][:, 0], seq["stoch"][:, 0])
+            open_loop = self.open_loop_error(start, obs, actions, generator)
+            loss = loss + self.cfg.open_loop_scale * open_loop
+            parts["open_loop"] = open_loop.item()
+        return loss, parts
+
+    def open_loop_error(
+        self,
+        start: LatentState,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Mean 0.5 squared error (summed over dims, normalised units) of the prior rolled from
+        ``start`` (the state of obs[:, 0]) under actions[:, :-1] against obs[:, 1:] (B, L, D)."""
+        target = self._decoder_target(obs)
+        state, errors = start, []
+        for t in range(1, obs.shape[1]):
+            state = self.imagine_step(state, actions[:, t - 1], generator)
+            errors.append(0.5 * ((self.decoder(state.feature()) - target[:, t]) ** 2).sum(-1))
+        return torch.stack(errors, 1).mean()
 
     @torch.no_grad()
     def open_loop(
