@@ -132,8 +132,9 @@ def plot_imagination_vs_reality(path: Path, metrics: list[dict[str, Any]], task:
     if any(r.get("terminal_failures_per_env") for r in metrics):
         ax_s.plot(*series("terminal_failures_per_env"), label="imagined halts per env and rollout")
     ax_s.plot(*series("eval/success_rate"), marker="o", label="real simulator")
-    ax_s.set_ylim(-0.02, 1.02)
-    ax_s.set_ylabel("success rate")
+    per_env = [r["successes_per_env"] for r in metrics if r.get("successes_per_env") is not None]
+    ax_s.set_ylim(-0.02, 1.02 * max([1.0, *per_env]))  # successes per env can exceed 1
+    ax_s.set_ylabel("success rate / successes per env")
     ax_r.plot(*series("episode_return"), label="imagined return")
     ax_r.set_ylabel("episode return (imagined)")
     for ax in (ax_s, ax_r):

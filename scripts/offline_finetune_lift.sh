@@ -2,7 +2,9 @@
 # Offline fine-tuning in a learned world model (DiWA-style) on robosuite Lift: scripted demos -> a
 # deliberately short pre-training (PRETRAIN_STEPS, so that the policy has room to improve); play
 # data -> world model + success classifier; DPPO in imagination (zero env steps); real evaluation
-# of the pre-trained and the fine-tuned policy (EVAL_EPISODES each).
+# of the pre-trained and the fine-tuned policy (EVAL_EPISODES each). DPPO runs with the robomimic
+# settings (algorithm=dppo_robomimic: actor lr 1e-5, clip 0.01), as online DPPO on robosuite does;
+# the gym settings (lr 3e-4, clip 0.1) wreck the pre-trained grasp within 10 iterations.
 #
 #   bash scripts/offline_finetune_lift.sh [OUT]      (default OUT=runs/offline-lift)
 #
@@ -26,7 +28,8 @@ EVAL_EPISODES=${EVAL_EPISODES:-100}
 [ -d "$OUT/play" ] || dppo collect-play task=lift n_steps=$PLAY_STEPS seed=$SEED out=$OUT/play
 [ -f "$OUT/world_model/summary.json" ] || dppo train-world-model task=lift dataset=$OUT/play \
   out=$OUT/world_model train.seed=$SEED
-dppo finetune-offline task=lift checkpoint=$OUT/pretrain world_model=$OUT/world_model \
-  out=$OUT/finetune seed=$SEED algorithm.iterations=$ITERATIONS eval_every=10 eval_episodes=50
+dppo finetune-offline task=lift algorithm=dppo_robomimic checkpoint=$OUT/pretrain \
+  world_model=$OUT/world_model out=$OUT/finetune seed=$SEED algorithm.iterations=$ITERATIONS \
+  eval_every=10 eval_episodes=50
 dppo eval checkpoint=$OUT/finetune n_episodes=$EVAL_EPISODES out=$OUT/eval-finetuned
 python "$(dirname "$0")/offline_summary.py" "$OUT"
