@@ -16,14 +16,14 @@ rollout: from the window's first step (filtered exactly as ``encode_start`` does
 episode's start) the prior alone is rolled under the window's real actions and decoded. The
 filtering terms alone train the prior only through a weak KL, so imagined states drift from real
 ones within a few steps; this term trains what imagination does (observation overshooting, as
-PlaNet's latent overshooting does in latent space). Observations and actions are normalised to [-1, 1] by a ``Normalizer``
-fitted on the training data and saved with the weights; the public methods take and return env
-units.
+PlaNet's latent overshooting does in latent space). Observations and actions are normalised to
+[-1, 1] by a ``Normalizer`` fitted on the training data and saved with the weights; the public
+methods take and return env units.
 
 With ``decode_delta`` the decoder predicts the change of the (normalised) observation since the
 sequence's first observation, which the imagined env always has (the real observation an episode
-starts from): the start is then exact, instead of being squeezed through one posterior step, and
-the model spends its capacity on how observations change.
+starts from): the start is given rather than squeezed through one posterior step, and the model
+spends its capacity on how observations change.
 
 ``static_dims`` are observation dims that never change within an episode of the training data
 (e.g. ``point_reach``'s goal). The decoder still reconstructs them, but ``decode_obs`` copies them
