@@ -378,28 +378,18 @@ class StreamingChunkSampler(ChunkSampler):
         cond: torch.Tensor,
         noise: Sequence[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``advance`` with its draws given and the levels already checked: (chunk, buffer)."""
-        x, x0 = self.denoise_levels(policy, buffer, cond, noise)
-        return torch.where(self.constants(x.device).clean, x, x0), x
-
-    def denoise_levels(
-        self,
-        policy: DiffusionPolicy,
-        x: torch.Tensor,
-        cond: torch.Tensor,
-        noise: Sequence[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The D per-action transitions of a call on buffers x (M, Tp, Da) at the pattern, with
-        ``noise`` drawn beforehand (one (M, Tp, Da) draw per stochastic step): (x, last x0).
-
-        A pure tensor function."""
+        """``advance`` with its draws given and the levels already checked: the D per-action
+        transitions of a call on buffers (M, Tp, Da) at the pattern, with ``noise`` drawn
+        beforehand (one (M, Tp, Da) draw per stochastic step) -> (chunk, buffer). A pure tensor
+        function."""
+        x = buffer
         const, m, draws = self.constants(x.device), x.shape[0], iter(noise)
         for (t, _, _, c), first in zip(const.steps, const.first_levels, strict=True):
             # the network as policy.eps picks it, without reading t back (no host sync)
             eps = policy.network_for(first)(x, t.expand(m, -1), cond)
             mean, x0 = gaussian_transition(self.schedule, c, x, eps, eps)
             x = mean + c.std * next(draws) if c.stochastic else mean
-        return x, x0
+        return torch.where(const.clean, x, x0), x
 
     def roll(self, x: torch.Tensor, cold: bool, generator: torch.Generator | None) -> torch.Tensor:
         """Buffers after a call (M, Tp, Da) -> the next call's: shifted by Ta, fresh noise at
