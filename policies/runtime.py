@@ -117,7 +117,7 @@ class PolicyRuntime:
         s = self.cfg.action_start
         actions = self.sampler.postprocess(chunk[:, s : s + self.cfg.n_action_steps])
         ms = (time.perf_counter() - start) * 1e3
-        return ActResult(actions, chunk, result.chain, cond, result.nfe, ms, result.stream_nfe)
+        return ActResult(actions, chunk, result.chain, cond, result.nfe, ms, result.nfe_per_stream)
 
     def step(self, obs: dict[str, np.ndarray], reset: np.ndarray | None = None) -> ActResult:
         """Push one observation {key: (B, *shape)} into the history and act.

@@ -49,8 +49,9 @@ class ChainResult:
 
     ``x``: (B, Tp, Da) final sample. ``chain``: (B, K+1, Tp, Da) samples before and after each
     recorded step (None unless recording). ``nfe``: network evaluations spent (a batched call
-    counts once). ``nfe_per_stream``: what one stream's chunk cost, averaged over the batch, when
-    streams cost different amounts (a warm-started batch with a starting episode); None: ``nfe``.
+    counts once). ``nfe_per_stream``: what one stream's chunk cost, averaged over the batch; it
+    differs from ``nfe`` when streams cost different amounts (a warm-started batch with a starting
+    episode); left out, it is ``nfe``.
     """
 
     x: torch.Tensor
@@ -58,10 +59,9 @@ class ChainResult:
     nfe: int
     nfe_per_stream: float | None = None
 
-    @property
-    def stream_nfe(self) -> float:
-        """Network evaluations per stream of this call (see ``nfe_per_stream``)."""
-        return float(self.nfe if self.nfe_per_stream is None else self.nfe_per_stream)
+    def __post_init__(self):
+        if self.nfe_per_stream is None:
+            self.nfe_per_stream = float(self.nfe)
 
 
 @dataclass(frozen=True)
